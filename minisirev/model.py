@@ -1,0 +1,299 @@
+"""The whole Llama / Mistral model in one file: RMSNorm, RoPE (with Llama 3 scaling), grouped-query attention
+(Mistral sliding window, KV cache with a position per row), SwiGLU MLP, blocks, Transformer.
+
+Module and parameter names follow the Hugging Face checkpoint (`model.layers.0.self_attn.q_proj.weight` is
+`layers.0.self_attn.q_proj.weight` here), so checkpoint.py maps names with one explicit rule.
+
+Shape alphabet, used in every comment below:
+    B batch, T query length, S key length, H query heads, KVH key/value heads, G = H // KVH query heads per KV head,
+    D head dim, C model dim, F feed-forward dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minisirev.config import ModelConfig
+
+ATTN_BACKENDS = ("ref", "sdpa", "triton")
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), normalised in fp32 and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ---- rotary position embedding --------------------------------------------------------------------------------
+
+def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D), i < D/2 (Su et al. 2021), with Llama 3.1's frequency-dependent scaling:
+    wavelengths above original_len / low_freq_factor are divided by `factor`, those below
+    original_len / high_freq_factor kept, and the band between interpolated smoothly."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
+    scaling = config.rope_scaling
+    if scaling and scaling.get("rope_type") == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor):
+    """positions [B, T] -> cos, sin [B, 1, T, D] in fp32 (halves duplicated: the rotate-half layout of HF)."""
+    freqs = positions.float()[..., None] * inv_freq  # B, T, D/2
+    emb = torch.cat([freqs, freqs], dim=-1)  # B, T, D
+    return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}) by angle pos * inv_freq_i, in fp32, cast back. x [B, H, T, D]."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+# ---- KV cache -------------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Preallocated keys and values, [L, B, KVH, S_max, D] each, in the model's dtype.
+
+    Row b of the cache holds the sequence of batch row b, key index = absolute position. Each forward call writes
+    the new keys of row b at positions pos[b] .. pos[b] + T - 1, so rows advance independently (ragged batches).
+    A stale entry left by an earlier occupant of a row sits at a position after the row's current one, and the
+    causal mask never lets a query see a key after its own position, so rows can be reused without clearing.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v [B, KVH, T, D] go to positions pos[b] + t of row b."""
+        B, KVH, T, D = k.shape
+        idx = (pos[:, None] + torch.arange(T, device=pos.device))[:, None, :, None].expand(B, KVH, T, D)
+        self.k[layer, :B].scatter_(2, idx, k)
+        self.v[layer, :B].scatter_(2, idx, v)
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor):
+        """Row dst[i] becomes a copy of row src[i] (fan a prefilled prompt out to its n samples)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+
+# ---- attention ------------------------------------------------------------------------------------------------
+
+def attention_mask(q_pos: torch.Tensor, S: int, window: int | None) -> torch.Tensor:
+    """Boolean [B, 1, T, S]: query at absolute position i sees key j iff j <= i and (no window or i - j < window).
+    The window counts the query's own token, as transformers' Mistral does (`kv_idx > q_idx - sliding_window`)."""
+    j = torch.arange(S, device=q_pos.device)
+    i = q_pos[:, None, :, None]  # B, 1, T, 1
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (j > i - window)
+    return allowed
+
+
+def attention_ref(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The teaching path: softmax(q k^T * scale + mask) v with scores in fp32.
+    q [B, H, T, D], k and v [B, KVH, S, D], mask [B, 1, T, S] bool. GQA by viewing the G query heads of each KV
+    head as extra rows, so K and V are never repeated in memory."""
+    B, H, T, D = q.shape
+    KVH, S = k.shape[1], k.shape[2]
+    G = H // KVH
+    qg = q.reshape(B, KVH, G * T, D)  # B, KVH, G*T, D
+    scores = (qg.float() @ k.float().transpose(-1, -2)) * scale  # B, KVH, G*T, S
+    scores = scores.view(B, KVH, G, T, S).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees no key (padding) gives 0, not NaN
+    out = probs.view(B, KVH, G * T, S) @ v.float()  # B, KVH, G*T, D
+    return out.view(B, H, T, D).to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.window = config.sliding_window
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, *, backend: str, pos: torch.Tensor, cache: KVCache | None, kv_len: int | None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # B, H, T, D
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # B, KVH, T, D
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # B, KVH, T, D
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is None:
+            y = self._attend_full(q, k, v, backend)
+        else:
+            cache.write(self.layer_idx, pos, k, v)
+            S = kv_len or cache.max_len
+            k, v = cache.k[self.layer_idx, :B, :, :S], cache.v[self.layer_idx, :B, :, :S]  # B, KVH, S, D
+            y = self._attend_cache(q, k, v, pos, backend)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # B, T, H*D
+        return self.o_proj(y)
+
+    def _attend_full(self, q, k, v, backend):
+        """Self-attention over the T tokens of this call (training, scoring): plain causal (+ window)."""
+        if backend == "triton":
+            from kernels.attention import flash_attention
+            return flash_attention(q, k, v, causal=True, window=self.window, sm_scale=self.scale)
+        if backend == "sdpa" and self.window is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                  enable_gqa=self.n_heads != self.n_kv_heads)
+        T = q.shape[2]
+        mask = attention_mask(torch.arange(T, device=q.device)[None], T, self.window)  # 1, 1, T, T
+        if backend == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                  enable_gqa=self.n_heads != self.n_kv_heads)
+        return attention_ref(q, k, v, mask, self.scale)
+
+    def _attend_cache(self, q, k, v, pos, backend):
+        """Queries at positions pos[b] + t against the cache row's keys 0 .. S-1 (key index = position)."""
+        T, S = q.shape[2], k.shape[2]
+        if backend == "triton":
+            from kernels.attention import flash_attention, flash_decode
+            kv_lens = pos + T
+            if T <= 16:
+                return flash_decode(q, k, v, kv_lens, window=self.window, sm_scale=self.scale)
+            return flash_attention(q, k, v, causal=True, window=self.window, sm_scale=self.scale, kv_lens=kv_lens)
+        q_pos = pos[:, None] + torch.arange(T, device=q.device)  # B, T
+        mask = attention_mask(q_pos, S, self.window)  # B, 1, T, S
+        if backend == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                  enable_gqa=self.n_heads != self.n_kv_heads)
+        return attention_ref(q, k, v, mask, self.scale)
+
+
+# ---- feed-forward, block, model -------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, **attn_kwargs):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, **attn_kwargs)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """tokens [B, T] -> logits [B, T, V].
+
+    `attn` picks the attention backend: "ref" (explicit math, the teaching path), "sdpa" (torch), "triton"
+    (kernels/attention.py; CUDA, or the Triton interpreter). `Transformer.default_attn(device)` gives "triton" on
+    CUDA and "sdpa" elsewhere.
+    """
+
+    def __init__(self, config: ModelConfig, attn: str = "ref"):
+        super().__init__()
+        self.config = config
+        self.attn = attn
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.checkpoint_blocks = False  # activation checkpointing, switched on by the training loop
+
+    @property
+    def attn(self) -> str:
+        return self._attn
+
+    @attn.setter
+    def attn(self, backend: str):
+        if backend not in ATTN_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(ATTN_BACKENDS)}")
+        self._attn = backend
+
+    @staticmethod
+    def default_attn(device) -> str:
+        return "triton" if torch.device(device).type == "cuda" else "sdpa"
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """[V, C]: the output projection (the embedding when tied). The fused loss kernel takes it directly."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None):
+        """Normal(0, std) for every matrix, ones for the norms (transformers' LlamaPreTrainedModel rule)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("layernorm.weight") or name == "norm.weight":
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def hidden(self, tokens, *, pos=None, cache: KVCache | None = None, kv_len: int | None = None):
+        """tokens [B, T] -> final normed hidden states [B, T, C].
+
+        pos: LongTensor [B], the absolute position of tokens[:, 0] in each row (default 0). With a cache, the new
+        keys are written there and each row attends to its own keys 0 .. pos[b] + t; kv_len (a host int, at most
+        the cache length) bounds the keys read so a short cache row does not cost S_max."""
+        B, T = tokens.shape
+        if pos is None:
+            pos = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        positions = pos[:, None] + torch.arange(T, device=tokens.device)  # B, T
+        cos, sin = rope_cos_sin(rope_inv_freq(self.config, tokens.device), positions)
+        x = self.embed_tokens(tokens)  # B, T, C
+        attn_kwargs = dict(backend=self.attn, pos=pos, cache=cache, kv_len=kv_len)
+        for block in self.layers:
+            if self.checkpoint_blocks and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False, **attn_kwargs)
+            else:
+                x = block(x, cos, sin, **attn_kwargs)
+        return self.norm(x)
+
+    def forward(self, tokens, *, pos=None, cache: KVCache | None = None, kv_len: int | None = None):
+        """tokens [B, T] -> logits [B, T, V] (in fp32 when the model is fp32, else the model's dtype)."""
+        return F.linear(self.hidden(tokens, pos=pos, cache=cache, kv_len=kv_len), self.output_weight)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        w = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
