@@ -76,7 +76,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'model_type' is {model_type!r}; supported: 'llama', 'mistral'")
         archs = hf.get("architectures") or [f"{model_type.capitalize()}ForCausalLM"]
         if archs[0] not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(f"{source}: field 'architectures' is {archs!r}; supported: {list(SUPPORTED_ARCHITECTURES)}")
+            supported = list(SUPPORTED_ARCHITECTURES)
+            raise ConfigError(f"{source}: field 'architectures' is {archs!r}; supported: {supported}")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: field 'hidden_act' is {hf['hidden_act']!r}; only 'silu' is supported")
         for key in ("attention_bias", "mlp_bias"):
