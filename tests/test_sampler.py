@@ -1,0 +1,375 @@
+"""The sampler against the model without a cache: greedy decoding equals step-by-step argmax of full forward passes,
+sampled log-probs equal a full re-score (mistral-inference `tests/test_generate.py`), outputs do not depend on batch
+composition or slot refill order; top-k / top-p keep exactly the intended sets (transformers' TopK/TopPLogitsWarper
+semantics); seeded draws follow the intended distribution; sample.py resumes after SIGKILL."""
+
+import json
+import math
+import os
+import runpy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minisirev.config import ModelConfig
+from minisirev.model import Transformer
+from minisirev.sampler import counter_uniform, generate, logits_to_probs, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+# fp32 on CPU; cached decoding and the full forward do the same ops over different key lengths and batch shapes,
+# so log-probs agree to rounding level (~1e-6 on O(1) values), as in test_model.py.
+ATOL, RTOL = 1e-5, 1e-5
+
+BASE = dict(vocab_size=61, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128, norm_eps=1e-6,
+            bos_id=1, eos_id=2)
+CONFIGS = {"llama-gqa": BASE, "mistral-window": dict(BASE, model_type="mistral", sliding_window=4)}
+LENS = (5, 1, 9, 13, 3)  # ragged, and longer than the window
+
+
+def make_model(name="llama-gqa", attn="ref"):
+    # std 0.1 rather than 0.02 so that the random model has peaked, well-separated logits (no near-ties in argmax)
+    return Transformer(ModelConfig(**CONFIGS[name]), attn=attn).init_weights(std=0.1, seed=0).eval()
+
+
+def make_prompts(vocab=61, lens=LENS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # these models are tiny: one thread is faster, and far faster on a loaded machine (no OpenMP spin-waits)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def greedy_reference(model, prompt, max_new, stop):
+    """Argmax of a full forward pass (no cache) over prompt + generated, one token at a time."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            t = int(model(torch.tensor([seq]))[0, -1].argmax())
+            if t in stop:
+                break
+            out.append(t)
+            seq.append(t)
+    return out
+
+
+def rescore(model, prompt, completion):
+    """log p(completion_t | prompt, completion_<t) from one full forward pass."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + completion]))[0].float(), -1)  # T, V
+    idx = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(completion))
+    return logp[idx, torch.tensor(completion, dtype=torch.long)]
+
+
+# ---- cached decoding against the model without a cache ---------------------------------------------------------
+
+@pytest.mark.parametrize("attn", ["ref", "sdpa"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_equals_full_forward_argmax(name, attn):
+    model = make_model(name, attn)
+    prompts = make_prompts()
+    # the third greedy token of prompt 0 as an extra stop id, so that some rows stop early
+    stop = {2, greedy_reference(model, prompts[0], 3, set())[2]}
+    want = [greedy_reference(model, p, 12, stop) for p in prompts]
+    got = generate(model, prompts, n=2, max_new_tokens=12, stop_ids=sorted(stop), max_batch_rows=3, sync_every=3)
+    assert got == [[w, w] for w in want]
+    assert any(len(w) < 12 for w in want) and any(len(w) == 12 for w in want)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 10, 0.9)])
+def test_output_independent_of_batch_composition(model, temperature, top_k, top_p):
+    """Slots 1, 2, 4 or all; prompts reversed (with their keys); host checks every 1, 3, 8 or 9 steps: same output."""
+    prompts = make_prompts()
+    kw = dict(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=3)
+    want = generate(model, prompts, n=3, **kw)
+    for rows, sync_every in ((1, 1), (2, 9), (4, 3), (None, 1)):
+        assert generate(model, prompts, n=3, max_batch_rows=rows, sync_every=sync_every, **kw) == want
+    keys = list(range(len(prompts)))[::-1]
+    assert generate(model, prompts[::-1], n=3, keys=keys, max_batch_rows=4, **kw) == want[::-1]
+    # sample j of a prompt is the same stream whatever n is
+    assert [outs[:1] for outs in generate(model, prompts, n=1, **kw)] == [outs[:1] for outs in want]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 10, 0.8)])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logprobs_equal_full_rescore(name, temperature, top_k, top_p):
+    model = make_model(name)
+    prompts = make_prompts()
+    outs, lps = generate(model, prompts, n=2, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p,
+                         stop_ids=(), max_batch_rows=4, return_logprobs=True)
+    for p, completions, logprobs in zip(prompts, outs, lps):
+        for c, lp in zip(completions, logprobs):
+            assert len(c) == len(lp) == 10
+            torch.testing.assert_close(torch.tensor(lp), rescore(model, p, c), atol=ATOL, rtol=RTOL)
+
+
+def test_prefill_once_per_prompt(model):
+    """n samples share one prefill, even when they are admitted into slots at different times."""
+    prefilled = []
+    hook = model.embed_tokens.register_forward_hook(
+        lambda mod, inp, out: prefilled.append(inp[0].shape[0]) if inp[0].shape[1] > 1 else None)
+    try:
+        prompts = make_prompts(lens=(4, 7, 2, 9))
+        generate(model, prompts, n=5, max_new_tokens=6, max_batch_rows=3, temperature=1.0)
+    finally:
+        hook.remove()
+    assert sum(prefilled) == len(prompts)
+
+
+# ---- stopping, seeds, n ---------------------------------------------------------------------------------------
+
+def test_stop_ids_honoured_and_excluded(model):
+    prompts = make_prompts()
+    free = generate(model, prompts, max_new_tokens=12, stop_ids=())
+    assert all(len(o[0]) == 12 for o in free)
+    stop = free[2][0][4]  # a token row 2 emits at step 4
+    got = generate(model, prompts, max_new_tokens=12, stop_ids=[stop])
+    for f, g in zip(free, got):
+        cut = f[0].index(stop) if stop in f[0] else 12
+        assert g[0] == f[0][:cut] and stop not in g[0]
+    assert len(got[2][0]) <= 4
+    # default: the config's eos_id; a list-valued eos_id works too
+    model.config.eos_id = [stop, 60]
+    try:
+        assert generate(model, prompts, max_new_tokens=12) == got
+    finally:
+        model.config.eos_id = 2
+
+
+def test_same_seed_same_samples_and_n_independent(model):
+    prompts = make_prompts()
+    kw = dict(n=8, max_new_tokens=8, temperature=1.0, stop_ids=())
+    a = generate(model, prompts, seed=5, **kw)
+    assert generate(model, prompts, seed=5, **kw) == a
+    b = generate(model, prompts, seed=6, **kw)
+    assert a != b
+    for outs in a:  # n samples of a prompt are n distinct draws (8 tokens over ~60 ids: collisions are ~impossible)
+        assert len({tuple(o) for o in outs}) == 8
+
+
+def test_zero_tokens_and_bad_arguments(model):
+    assert generate(model, [[3, 4]], n=2, max_new_tokens=0) == [[[], []]]
+    for bad in (dict(top_p=0.0), dict(top_k=-1), dict(temperature=-1.0), dict(n=0)):
+        with pytest.raises(ValueError):
+            generate(model, [[3, 4]], **bad)
+    with pytest.raises(ValueError, match="prompt 1"):
+        generate(model, [[3], []])
+    with pytest.raises(ValueError, match="memory budget"):
+        generate(model, [[3]], memory_budget_bytes=16)
+
+
+# ---- logits -> probs on constructed distributions -------------------------------------------------------------
+
+P5 = torch.tensor([0.0625, 0.5, 0.125, 0.25, 0.0625])  # exact in binary; sorted: ids 1, 3, 2, 0, 4
+
+
+def kept(probs):
+    return set(torch.nonzero(probs[0]).flatten().tolist())
+
+
+@pytest.mark.parametrize("top_p, want", [
+    (0.5, {1}),  # token 1 alone reaches 0.5 exactly
+    (0.5 + 1e-6, {1, 3}),  # token 3 crosses p and is kept
+    (0.75, {1, 3}),
+    (0.8, {1, 3, 2}),
+    (0.9375, {1, 3, 2, 0}),  # tie 0.0625/0.0625 at the boundary: the lower id comes first
+    (0.95, {0, 1, 2, 3, 4}),
+    (1.0, {0, 1, 2, 3, 4}),
+    (1e-9, {1}),  # at least one token
+])
+def test_top_p_keeps_smallest_set_reaching_p(top_p, want):
+    probs = logits_to_probs(P5.log()[None], 1.0, 0, top_p)
+    assert kept(probs) == want
+    expect = torch.zeros(5)
+    expect[list(want)] = P5[list(want)] / P5[list(want)].sum()
+    torch.testing.assert_close(probs[0], expect)
+
+
+@pytest.mark.parametrize("top_k, want", [
+    (1, {1}), (2, {1, 3}), (3, {1, 3, 2}),
+    (4, {0, 1, 2, 3, 4}),  # the 4th largest value is tied with the 5th: both kept (transformers' rule)
+    (5, {0, 1, 2, 3, 4}), (0, {0, 1, 2, 3, 4}), (99, {0, 1, 2, 3, 4}),
+])
+def test_top_k_keeps_k_largest(top_k, want):
+    assert kept(logits_to_probs(P5.log()[None], 1.0, top_k, 1.0)) == want
+
+
+def test_temperature_then_top_k_then_top_p():
+    # top-k=3 renormalises to 4/7, 2/7, 1/7; then top-p 0.8 keeps two. Top-p first would keep three.
+    probs = logits_to_probs(P5.log()[None], 1.0, 3, 0.8)
+    torch.testing.assert_close(probs[0], torch.tensor([0, 2 / 3, 0, 1 / 3, 0]))
+    # temperature T: probs proportional to p^(1/T)
+    hot = logits_to_probs(P5.log()[None], 2.0)
+    torch.testing.assert_close(hot[0], P5.sqrt() / P5.sqrt().sum())
+    greedy = logits_to_probs(torch.tensor([[0.1, 3.0, 3.0, -1.0]]), 0.0)
+    assert greedy.tolist() == [[0, 1, 0, 0]]
+
+
+# ---- seeded draws follow the intended distribution ------------------------------------------------------------
+
+def assert_frequencies(draws: torch.Tensor, probs: torch.Tensor):
+    """Each token's count within 5 binomial standard deviations of N p (for N = 40000 a false alarm has
+    probability ~1e-6 per token, and the seeds are fixed, so the test is deterministic); excluded tokens never."""
+    N = draws.numel()
+    counts = torch.bincount(draws, minlength=probs.numel()).double()
+    p = probs.double()
+    assert torch.all(counts[p == 0] == 0)
+    assert torch.all((counts - N * p).abs() <= 5 * (N * p * (1 - p)).sqrt() + 1e-9), (counts / N, p)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.8, 4, 1.0), (1.3, 0, 0.7)])
+def test_draws_match_intended_distribution(temperature, top_k, top_p):
+    logits = torch.randn(1, 9, generator=torch.Generator().manual_seed(0)) * 1.5
+    probs = logits_to_probs(logits, temperature, top_k, top_p)[0]
+    N = 40000
+    u = counter_uniform(11, 0, torch.arange(N), torch.zeros(N, dtype=torch.long))
+    assert_frequencies(sample(probs.expand(N, -1), u=u), probs)
+    g = torch.Generator().manual_seed(11)
+    assert_frequencies(sample(probs.expand(N, -1), g), probs)
+    g2 = torch.Generator().manual_seed(11)
+    g3 = torch.Generator().manual_seed(11)
+    assert torch.equal(sample(probs.expand(100, -1), g2), sample(probs.expand(100, -1), g3))
+
+
+def test_generate_first_tokens_match_model_distribution(model):
+    """End to end: n = 20000 one-token samples of one prompt follow softmax(logits / T) after top-k and top-p."""
+    prompt = make_prompts()[3]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[:, -1]
+    probs = logits_to_probs(logits, 0.9, 30, 0.9)[0]
+    outs = generate(model, [prompt], n=20000, max_new_tokens=1, temperature=0.9, top_k=30, top_p=0.9, stop_ids=())
+    assert_frequencies(torch.tensor([o[0] for o in outs[0]]), probs)
+    assert 0 < (probs > 0).sum() < 30  # top-p cut inside the top-k set
+
+
+def test_uniforms_are_uniform_and_stream_local():
+    u = counter_uniform(0, 7, torch.arange(50000), torch.arange(50000) % 13)
+    assert 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u.float(), bins=20, min=0, max=1)
+    assert (counts - 2500).abs().max() < 5 * math.sqrt(2500)
+    # a draw depends only on (seed, key, sample, step)
+    assert torch.equal(counter_uniform(0, 7, torch.tensor([3]), torch.tensor([3])), u[3:4])
+    assert not torch.equal(counter_uniform(1, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)),
+                           counter_uniform(0, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)))
+
+
+# ---- sample.py: output lines and resume after SIGKILL --------------------------------------------------------
+
+class Echo:
+    """A stand-in task: 11 questions of words, every other one with an id; a completion is correct when its length
+    is even. With KILL_AT=k in the environment the process SIGKILLs itself at the k-th verdict (a kill mid-run)."""
+
+    name = "echo"
+    calls = 0
+
+    def load(self, path_or_split):
+        return [{"question": f"q{i} " * (1 + i % 4), **({"id": f"E{i}"} if i % 2 else {})} for i in range(11)]
+
+    def prompt(self, ex):
+        return ex["question"]
+
+    def is_correct(self, ex, text):
+        Echo.calls += 1
+        if Echo.calls == int(os.environ.get("KILL_AT", "0")):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return len(text) % 2 == 0
+
+    def is_correct_batch(self, exs, texts):
+        return [self.is_correct(ex, t) for ex, t in zip(exs, texts)]
+
+
+def get_echo(name):
+    if name != "echo":
+        raise ValueError(f"unknown task {name!r}")
+    return Echo()
+
+
+RUNNER = """
+import runpy, sys
+import minisirev.tasks
+sys.path.insert(0, sys.argv.pop(1))
+from test_sampler import get_echo
+minisirev.tasks.get_task = get_echo
+runpy.run_path("sample.py", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from minisirev.checkpoint import save_model
+    from minisirev.tokenizer import train_tokenizer
+    tok = train_tokenizer([f"q{i} the answer is {i * 7}" for i in range(200)], vocab_size=300, min_frequency=1)
+    cfg = ModelConfig(**dict(BASE, vocab_size=tok.vocab_size))
+    out = tmp_path_factory.mktemp("ckpt") / "model"
+    save_model(Transformer(cfg).init_weights(std=0.1, seed=0), out, tokenizer=tok)
+    return out
+
+
+def sample_args(checkpoint, out, *extra):
+    return ["--model", str(checkpoint), "--task", "echo", "--n", "3", "--temperature", "1.0", "--max-new-tokens", "6",
+            "--batch-size", "4", "--seed", "1", "--out", str(out), *extra]
+
+
+def run_sample(tmp_path, checkpoint, out, *extra, kill_at=0):
+    """sample.py in a subprocess (so that it can be killed), with the stand-in task."""
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER)
+    env = {**os.environ, "KILL_AT": str(kill_at), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(runner), str(Path(__file__).parent),
+                           *sample_args(checkpoint, out, *extra)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def sample_error(monkeypatch, capsys, argv) -> tuple[int, str]:
+    """sample.py in this process, for runs that must stop with a user error: (exit code, stderr)."""
+    import minisirev.tasks
+    monkeypatch.setattr(minisirev.tasks, "get_task", get_echo)
+    monkeypatch.setattr(sys, "argv", ["sample.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "sample.py"), run_name="__main__")
+    return e.value.code, capsys.readouterr().err
+
+
+def test_sample_script_resumes_after_kill(tmp_path, checkpoint, monkeypatch, capsys):
+    full = run_sample(tmp_path, checkpoint, tmp_path / "full.jsonl")
+    assert full.returncode == 0, full.stderr
+    want = [json.loads(line) for line in (tmp_path / "full.jsonl").read_text().splitlines()]
+    assert [r["idx"] for r in want] == list(range(11))
+    assert want[1]["id"] == "E1" and want[0]["id"] == 0
+    assert all(len(r["completions"]) == len(r["correct"]) == 3 for r in want)
+    assert all(r["correct"] == [len(c) % 2 == 0 for c in r["completions"]] for r in want)
+
+    out = tmp_path / "killed.jsonl"
+    killed = run_sample(tmp_path, checkpoint, out, kill_at=3 * 6)  # 4 + 1/2 questions graded: one batch written
+    assert killed.returncode == -signal.SIGKILL
+    assert len(out.read_text().splitlines()) == 4
+    with open(out, "a") as f:  # and a partial line, as a kill during a write leaves
+        f.write('{"idx": 7, "compl')
+    resumed = run_sample(tmp_path, checkpoint, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "partial last line" in resumed.stderr and "4 already" in resumed.stderr
+    assert [json.loads(line) for line in out.read_text().splitlines()] == want  # what an uninterrupted run wrote
+
+    code, err = sample_error(monkeypatch, capsys, sample_args(checkpoint, out, "--n", "4"))
+    assert code == 2 and "--n" in err and "use another --out" in err
+
+
+@pytest.mark.parametrize("extra, message", [(["--task", "nope"], "unknown task 'nope'"),
+                                            (["--model", "/nonexistent/model"], "/nonexistent/model")])
+def test_sample_script_user_errors_are_one_line(tmp_path, checkpoint, monkeypatch, capsys, extra, message):
+    code, err = sample_error(monkeypatch, capsys, sample_args(checkpoint, tmp_path / "x.jsonl", *extra))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
