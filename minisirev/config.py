@@ -174,7 +174,7 @@ class ModelConfig:
 
 PRESETS: dict[str, dict] = {
     # the embedded default's base model: a few MB, trained on the arith corpus by data/make_base_model.py
-    "tiny": dict(vocab_size=512, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512, max_seq_len=512,
+    "tiny": dict(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=512,
                  norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=True, bos_id=1, eos_id=2, pad_id=0),
     "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
                       max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0, bos_id=1, eos_id=2),

@@ -260,7 +260,8 @@ def _default_encoder_or_error(encoder: Any) -> Any:
     return _DEFAULT_ENCODER[0]
 
 
-def diversity(groups: Sequence[Sequence[str]], encoder: Any = None, *, semantic: bool = True) -> dict:
+def diversity(groups: Sequence[Sequence[str]], encoder: Any = None, *, semantic: bool = True,
+              semantic_questions: int | None = None) -> dict:
     """Diversity of one group of samples per question (e.g. the correct ones), per question then averaged.
 
     Questions whose group has fewer than two texts are left out and counted in "skipped". Returns
@@ -269,7 +270,9 @@ def diversity(groups: Sequence[Sequence[str]], encoder: Any = None, *, semantic:
          "semantic_unavailable": "reason"  (present only when "semantic" is None)}
     `encoder=None` loads the default all-MiniLM-L6-v2 once per process; if its weights cannot be found
     (embed.EncoderUnavailable), "semantic" is None with the reason. `semantic=False` skips it.
-    With no usable question every measure is None.
+    With no usable question every measure is None. `semantic_questions` caps how many questions (the first ones
+    with two or more texts) the semantic measure is averaged over, because encoding every sample is the costly
+    part on a CPU; the number used is reported as "semantic_questions".
     """
     used = [list(g) for g in groups if len(g) >= 2]
     out: dict[str, Any] = {"distinct_n": None, "semantic": None, "equations": None,
@@ -286,13 +289,15 @@ def diversity(groups: Sequence[Sequence[str]], encoder: Any = None, *, semantic:
     if isinstance(enc, _Unavailable):  # no weights (embed.EncoderUnavailable): report, never invent a number
         out["semantic_unavailable"] = f"{type(enc.err).__name__}: {enc.err}"
         return out
-    flat = [t for g in used for t in g]
+    sem_used = used[:semantic_questions] if semantic_questions else used
+    flat = [t for g in sem_used for t in g]
     emb = _as_unit_rows(enc.encode(flat))  # one batched call for all questions
     vals, start = [], 0
-    for g in used:
+    for g in sem_used:
         vals.append(_semantic_from_embeddings(emb[start:start + len(g)]))
         start += len(g)
     out["semantic"] = float(np.mean(vals))
+    out["semantic_questions"] = len(sem_used)
     return out
 
 
@@ -341,7 +346,7 @@ def iteration_metrics(*, iter: int, step_method: str, greedy_correct: Sequence[b
                       m1_counts: Sequence[tuple[int, int]] | None = None,
                       coverage: float | None = None,
                       ood_levels: Sequence[int] | None = None, ood_correct: Sequence[bool] | None = None,
-                      encoder: Any = None, semantic: bool = True) -> dict:
+                      encoder: Any = None, semantic: bool = True, semantic_questions: int | None = None) -> dict:
     """The metrics.json dict of one model M_t (keys of DESIGN.md), from its test-set evaluation.
 
     greedy_correct[i]       M_t's greedy verdict on test question i (pass@1)
@@ -368,8 +373,8 @@ def iteration_metrics(*, iter: int, step_method: str, greedy_correct: Sequence[b
         "pass@k": pass_at_k_curve(counts),
         "coverage": coverage,
         "improvement_set": is_metrics,
-        "diversity": {"correct": diversity(correct, enc, semantic=semantic),
-                      "incorrect": diversity(wrong, enc, semantic=semantic)},
+        "diversity": {"correct": diversity(correct, enc, semantic=semantic, semantic_questions=semantic_questions),
+                      "incorrect": diversity(wrong, enc, semantic=semantic, semantic_questions=semantic_questions)},
         "ood": (ood_metrics(ood_levels, ood_correct) if ood_levels is not None and ood_correct is not None
                 else {"levels": {}, "whole": None, "disparity": None}),
     }

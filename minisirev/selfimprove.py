@@ -173,8 +173,8 @@ def lr_at(step: int, total: int, args: TrainArgs) -> float:
 def optimise(model, batches: list, loss_fn, args: TrainArgs, log_path: Path, desc: str) -> list[dict]:
     """AdamW over `batches` (each micro-batch passed to loss_fn(model, batch) -> (loss, stats, n_tokens)),
     grad_accum micro-batches per step, warmup + cosine, gradient clipping, bf16 autocast on CUDA when asked.
-    One JSONL line per step in log_path; a console line every log_every steps; raises TrainingDiverged on a
-    NaN or inf loss before the bad step touches the weights."""
+    One JSONL line per step appended to log_path (tagged with `desc`); a console line every log_every steps;
+    raises TrainingDiverged on a NaN or inf loss before the bad step touches the weights."""
     model.train()
     model.checkpoint_blocks = args.grad_checkpoint
     device = next(model.parameters()).device
@@ -182,7 +182,7 @@ def optimise(model, batches: list, loss_fn, args: TrainArgs, log_path: Path, des
                             foreach=device.type == "cuda")
     total = max(1, math.ceil(len(batches) / args.grad_accum))
     log = []
-    with open(log_path, "w") as logf, tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
+    with open(log_path, "a") as logf, tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
         for step in range(total):
             t0 = time.perf_counter()
             lr = lr_at(step, total, args)
@@ -206,8 +206,8 @@ def optimise(model, batches: list, loss_fn, args: TrainArgs, log_path: Path, des
             opt.step()
             opt.zero_grad(set_to_none=True)
             ms = (time.perf_counter() - t0) * 1000
-            row = {"step": step + 1, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
-                   "ms": round(ms, 1), "tok_s": round(tokens / (ms / 1000), 1),
+            row = {"phase": desc, "step": step + 1, "loss": round(loss_sum, 6), "lr": lr,
+                   "grad_norm": round(grad_norm, 4), "ms": round(ms, 1), "tok_s": round(tokens / (ms / 1000), 1),
                    **{k: round(v, 6) for k, v in stats_sum.items()}}
             logf.write(json.dumps(row) + "\n")
             log.append(row)
@@ -290,3 +290,129 @@ def train_dpo(model, tok, pairs: list[dict], ref: list[tuple[float, float]], arg
         return loss, stats, int(counts.sum())
 
     return optimise(model, index_batches, loss_fn, args, log_path, desc)
+
+
+# ---- generation stages (sampling for training, and every generation evaluation needs) -------------------------
+
+
+def prompt_ids(tok, task, ex) -> list[int]:
+    return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(task.prompt(ex))
+
+
+def generate_and_verify(model, tok, task, records: list[dict], out_path: Path, *, n: int, temperature: float,
+                        top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256, seed: int = 0,
+                        chunk: int = 64, desc: str = "sample") -> list[dict]:
+    """n completions per record, each with the task's verdict, one JSONL row per record in out_path.
+
+    Records go in chunks of `chunk`, appended to out_path + ".partial" with an fsync; a restart keeps the whole
+    chunks already there. The sampler draws from a random stream keyed by (seed, question index, sample index),
+    so the result depends neither on the chunking nor on where a run was killed. The file is renamed to out_path
+    when every chunk is in."""
+    from minisirev.sampler import generate
+
+    if out_path.exists():
+        return read_jsonl(out_path)
+    partial = out_path.with_name(out_path.name + ".partial")
+    rows = read_partial_jsonl(partial)
+    rows = rows[:len(rows) // chunk * chunk]  # a chunk cut short by a kill is redone whole
+    write_jsonl(partial, rows)
+    stop = tok.eos_id if isinstance(tok.eos_id, (list, tuple)) else (tok.eos_id,)
+    n_chunks = math.ceil(len(records) / chunk)
+    with open(partial, "a") as f, tqdm(total=len(records), initial=len(rows), desc=desc, unit="q",
+                                       leave=False) as bar:
+        for c in range(len(rows) // chunk, n_chunks):
+            recs = records[c * chunk:(c + 1) * chunk]
+            t0 = time.perf_counter()
+            outs = generate(model, [prompt_ids(tok, task, ex) for ex in recs], n=n, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop, seed=seed,
+                            keys=list(range(c * chunk, c * chunk + len(recs))))
+            texts = [[tok.decode(ids) for ids in per_prompt] for per_prompt in outs]
+            flat_ex = [ex for ex, ts in zip(recs, texts) for _ in ts]
+            verdicts = task.is_correct_batch(flat_ex, [t for ts in texts for t in ts])
+            for j, (ex, ts) in enumerate(zip(recs, texts)):
+                row = {"idx": c * chunk + j, "id": ex.get("id", c * chunk + j), "prompt": task.prompt(ex),
+                       "completions": ts, "correct": [bool(v) for v in verdicts[j * n:(j + 1) * n]]}
+                if task.level(ex) is not None:
+                    row["level"] = task.level(ex)
+                f.write(json.dumps(row) + "\n")
+                rows.append(row)
+            f.flush()
+            os.fsync(f.fileno())
+            new_tokens = sum(len(ids) for per_prompt in outs for ids in per_prompt)
+            bar.update(len(recs))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+    os.replace(partial, out_path)
+    return rows
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------
+
+def evaluate(get_model, tok, task, ood_task, test_recs, ood_recs, it: Path, run_dir: Path, *, t: int,
+             step_method: str, n_samples: int, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
+             seed: int, semantic_questions: int | None = None) -> dict:
+    """Generate what M_t's metrics need (greedy and sampled test answers, greedy OOD answers) into it/eval/,
+    then compute metrics.json from those files. The model is only loaded when a file is missing."""
+    ev = it / "eval"
+    ev.mkdir(exist_ok=True)
+    jobs = [("test_greedy", task, test_recs, 1, 0.0), ("test_samples", task, test_recs, n_samples, temperature)]
+    if ood_recs:
+        jobs.append(("ood_greedy", ood_task, ood_recs, 1, 0.0))
+    for name, tsk, recs, n, temp in jobs:
+        if not (ev / f"{name}.jsonl").exists():
+            generate_and_verify(get_model(), tok, tsk, recs, ev / f"{name}.jsonl", n=n, temperature=temp,
+                                top_p=top_p if temp > 0 else 1.0, top_k=top_k if temp > 0 else 0,
+                                max_new_tokens=max_new_tokens, seed=seed + 7919 * t, desc=f"iter {t} {name}")
+    metrics = compute_metrics(run_dir, t, step_method, semantic_questions=semantic_questions)
+    write_json(it / "metrics.json", metrics)
+    return metrics
+
+
+def compute_metrics(run_dir: Path, t: int, step_method: str, *, semantic_questions: int | None = None) -> dict:
+    """metrics.json of M_t (keys in DESIGN.md) from the generation files of iteration t and of M1: greedy test
+    answers (pass@1, IS(t)), sampled test answers (pass@k, diversity), greedy OOD answers, and for M1 its
+    samples on the training questions (coverage, from iter_2/samples.jsonl)."""
+    from minisirev import metrics as M
+
+    it, one = run_dir / f"iter_{t}", run_dir / "iter_1"
+    greedy = [bool(r["correct"][0]) for r in read_jsonl(it / "eval" / "test_greedy.jsonl")]
+    samples = read_jsonl(it / "eval" / "test_samples.jsonl")
+    m1 = {}
+    if t > 1:
+        m1_samples = read_jsonl(one / "eval" / "test_samples.jsonl")
+        m1 = {"m1_greedy_correct": [bool(r["correct"][0]) for r in read_jsonl(one / "eval" / "test_greedy.jsonl")],
+              "m1_counts": M.counts_from_verdicts([r["correct"] for r in m1_samples])}
+    coverage = None
+    if t == 1 and (run_dir / "iter_2" / "samples.jsonl").exists():
+        train = read_jsonl(run_dir / "iter_2" / "samples.jsonl")
+        coverage = M.coverage([sum(r["correct"]) for r in train], len(train[0]["correct"]))
+    ood = {}
+    if (it / "eval" / "ood_greedy.jsonl").exists():
+        rows = read_jsonl(it / "eval" / "ood_greedy.jsonl")
+        ood = {"ood_levels": [r.get("level") for r in rows], "ood_correct": [bool(r["correct"][0]) for r in rows]}
+    out = M.iteration_metrics(iter=t, step_method=step_method, greedy_correct=greedy,
+                              sample_texts=[r["completions"] for r in samples],
+                              sample_verdicts=[r["correct"] for r in samples], coverage=coverage,
+                              semantic_questions=semantic_questions or None, **m1, **ood)
+    if coverage is not None:
+        out["recommendation"] = M.recommend(coverage)
+    return out
+
+
+def write_summary(run_dir: Path, *, task: str, method: str, iters: int, config: dict | None = None) -> dict:
+    """summary.json from every finished iteration's metrics.json, then report.md and the plots."""
+    from minisirev.report import write_report
+
+    its = []
+    for t in range(1, iters + 1):
+        path = run_dir / f"iter_{t}" / "metrics.json"
+        if path.exists():
+            its.append(json.loads(path.read_text()))
+    summary = {"task": task, "method": method, "iterations": its, "config": config or {}}
+    write_json(run_dir / "summary.json", summary)
+    write_report(run_dir, summary)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    from minisirev.report import format_table as fmt
+    return fmt(summary)
