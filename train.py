@@ -52,8 +52,10 @@ parser.add_argument("--eval-temperature", type=float, default=None,
 parser.add_argument("--semantic-questions", type=int, default=40,
                     help="questions the semantic (MiniLM) diversity is averaged over, the first ones; 0 = all")
 # ---- optimisation
-parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of SFT steps (AdamW)")
-parser.add_argument("--dpo-lr", type=float, default=None, help="peak learning rate of DPO steps (default lr / 4)")
+parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of M1's SFT on gold solutions (AdamW)")
+parser.add_argument("--si-lr", type=float, default=None,
+                    help="peak learning rate of SFT steps in rounds t >= 2 (default: lr / 4)")
+parser.add_argument("--dpo-lr", type=float, default=None, help="peak learning rate of DPO steps (default: lr / 20)")
 parser.add_argument("--epochs", type=float, default=1.0, help="epochs per self-improvement SFT/DPO step")
 parser.add_argument("--m1-epochs", type=float, default=2.0, help="epochs of M1's SFT on the gold solutions")
 parser.add_argument("--batch-size", type=int, default=16, help="sequences (SFT) or pairs (DPO) per micro-batch")
@@ -100,7 +102,8 @@ attn = args.attn or ("triton" if device.type == "cuda" else "sdpa")
 fused = args.fused_loss == "on" or (args.fused_loss == "auto" and device.type == "cuda")
 run_dir = Path(args.out or f"runs/{args.task}-{args.method}")
 config = {**vars(args), "out": str(run_dir), "attn": attn, "fused_loss": fused,
-          "dpo_lr": args.dpo_lr or args.lr / 4, "eval_temperature": args.eval_temperature or args.temperature}
+          "si_lr": args.si_lr or args.lr / 4, "dpo_lr": args.dpo_lr or args.lr / 20,
+          "eval_temperature": args.eval_temperature or args.temperature}
 NOT_COMPARED = {"iter", "force", "log_every", "device"}  # may change between a run and its resumption
 if args.force and run_dir.exists():
     shutil.rmtree(run_dir)
@@ -184,8 +187,8 @@ try:
             (it / "train_log.jsonl").unlink(missing_ok=True)
             for m in methods:
                 if m == "sft" and data["sft"]:
-                    epochs = args.m1_epochs if t == 1 else args.epochs
-                    si.train_sft(policy, tok, data["sft"], dataclasses.replace(train_args, epochs=epochs),
+                    epochs, lr = (args.m1_epochs, args.lr) if t == 1 else (args.epochs, config["si_lr"])
+                    si.train_sft(policy, tok, data["sft"], dataclasses.replace(train_args, epochs=epochs, lr=lr),
                                  it / "train_log.jsonl", reduction=args.sft_reduction, fused=fused,
                                  desc=f"iter {t} sft")
                 elif m == "dpo" and data["dpo"]:
