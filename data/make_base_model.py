@@ -1,6 +1,6 @@
 """Train the embedded default's base model M0 (data/base_model/): the `tiny` preset on a seeded arith-style corpus.
 
-    python data/make_base_model.py                 # the shipped recipe: 3 stages, about 25 minutes on a 2-core CPU
+    python data/make_base_model.py                 # the shipped recipe: 3 stages, 3500 steps of 8 x 256 tokens
 
 The corpus is generated, never downloaded: arithmetic facts written as the task writes its steps
 ("7+5=<<7+5=12>>12", "3*4=<<3*4=12>>12") and word problems with solutions in the task's style (levels 1-5), drawn
@@ -9,10 +9,12 @@ from seeds other than the shipped splits' and excluding every question of train,
 
 Training runs in stages; each stage draws a fresh corpus from its own seed, starts a fresh AdamW with warmup and
 cosine decay, and continues from the previous stage's weights. The shipped model is RECIPE below (1500 + 1000 +
-1000 steps of 8 x 256 tokens). A tiny model learns to copy numbers from the question late (the loss drops from
-about 1.3 to 0.9 around step 500 of stage 1), and M1's pass@1 keeps rising with the later stages. Everything is
-seeded: rerunning gives the same weights on the same machine and torch version. `--init DIR --stage SEED,STEPS,LR`
-continues any checkpoint by hand.
+1000 steps), run as three invocations (`--stage` once each, `--init` the previous output), which is what this
+script does in one process. A tiny model learns to copy numbers from the question late (the loss drops from
+about 1.3 to 0.9 around step 500 of stage 1), and M1's pass@1 kept rising with the later stages (14.5% after
+stage 2, 35.5% after stage 3, with train.py's defaults). Corpus, initialisation and batches are all seeded.
+Speed: a 1000-step stage took 138 s on a free 2-core CPU (about 15k tokens/s), so the recipe takes about
+8 minutes there; under load it is several times slower.
 """
 
 import argparse
