@@ -105,17 +105,6 @@ config = {**vars(args), "out": str(run_dir), "attn": attn, "fused_loss": fused,
           "si_lr": args.si_lr or args.lr / 4, "dpo_lr": args.dpo_lr or args.lr / 20,
           "eval_temperature": args.eval_temperature or args.temperature}
 NOT_COMPARED = {"iter", "force", "log_every", "device"}  # may change between a run and its resumption
-if args.force and run_dir.exists():
-    shutil.rmtree(run_dir)
-if (run_dir / "config.json").exists():
-    old = json.loads((run_dir / "config.json").read_text())
-    diff = [k for k in config if k not in NOT_COMPARED and old.get(k) != config[k]]
-    if diff:
-        shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config[k]!r}" for k in diff[:4])
-        fail(f"{run_dir} holds a run with other settings ({shown}); use another --out, or --force to start over")
-run_dir.mkdir(parents=True, exist_ok=True)
-si.write_json(run_dir / "config.json", config)
-
 try:
     task = get_task(args.task)
     tok = load_tokenizer(args.model)
@@ -130,6 +119,17 @@ try:
     model_src = args.model  # loaded once, when the first unfinished stage needs it
 except (DataError, CheckpointError, ConfigError, TokenizerError, ValueError) as e:
     fail(str(e))
+# the run directory is touched only once the inputs are known good: a typo neither deletes nor leaves anything
+if args.force and run_dir.exists():
+    shutil.rmtree(run_dir)
+if (run_dir / "config.json").exists():
+    old = json.loads((run_dir / "config.json").read_text())
+    diff = [k for k in config if k not in NOT_COMPARED and old.get(k) != config[k]]
+    if diff:
+        shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config[k]!r}" for k in diff[:4])
+        fail(f"{run_dir} holds a run with other settings ({shown}); use another --out, or --force to start over")
+run_dir.mkdir(parents=True, exist_ok=True)
+si.write_json(run_dir / "config.json", config)
 
 train_args = si.TrainArgs(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                           warmup=args.warmup, clip=args.clip, seed=args.seed, log_every=args.log_every,
