@@ -180,6 +180,33 @@ def _query_tile_key_ranges(p0, kv_len, window,
     return lo, a, b, hi
 
 
+@triton.jit
+def _row_kv_len_and_offset(KV_LENS, b, T, S, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr):
+    """Row b's number of valid keys, and the absolute position of its query 0 (bottom-right alignment when causal:
+    query t sits at kv_len - T + t)."""
+    if HAS_KV_LENS:
+        kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), S)  # clamped: a bad length cannot read past S
+    else:
+        kv_len = S
+    if CAUSAL:
+        offset = kv_len - T
+    else:
+        offset = kv_len * 0
+    return kv_len, offset
+
+
+@triton.jit
+def _query_tile_program(H, G):
+    """For a grid (cdiv(T, BLOCK_M), B * H): the query tile, the flat (b, h) index, b, h and h's KV head. The
+    heaviest tiles (the last rows, when causal) are launched first, for a short tail."""
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = (h // G).to(tl.int64)
+    return start_m, bh, b, h.to(tl.int64), kvh
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_FWD_PRUNE)
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, Out, LSE, KV_LENS,
@@ -191,20 +218,8 @@ def _attn_fwd_kernel(Q, K, V, Out, LSE, KV_LENS,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(T, BLOCK_M), B * H). Writes O [B, H, T, D] and LSE [B, H, T] (base 2; +inf for a row that
     sees no key)."""
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles (last rows when causal) first: short tail
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = (h // G).to(tl.int64)
-    h = h.to(tl.int64)
-    if HAS_KV_LENS:
-        kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), S)  # clamped: a bad length cannot read past S
-    else:
-        kv_len = S
-    if CAUSAL:
-        offset = kv_len - T
-    else:
-        offset = kv_len * 0
+    start_m, bh, b, h, kvh = _query_tile_program(H, G)
+    kv_len, offset = _row_kv_len_and_offset(KV_LENS, b, T, S, CAUSAL, HAS_KV_LENS)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -315,14 +330,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS,
     bkh = tl.program_id(1)
     b = (bkh // KVH).to(tl.int64)
     kvh = (bkh % KVH).to(tl.int64)
-    if HAS_KV_LENS:
-        kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), S)  # clamped: a bad length cannot read past S
-    else:
-        kv_len = S
-    if CAUSAL:
-        offset = kv_len - T
-    else:
-        offset = kv_len * 0
+    kv_len, offset = _row_kv_len_and_offset(KV_LENS, b, T, S, CAUSAL, HAS_KV_LENS)
     n0 = start_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -417,20 +425,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_LENS,
                         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(T, BLOCK_M), B * H): dQ of one query tile over the key tiles it sees (the forward's ranges)."""
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles (last rows when causal) first: short tail
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = (h // G).to(tl.int64)
-    h = h.to(tl.int64)
-    if HAS_KV_LENS:
-        kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), S)  # clamped: a bad length cannot read past S
-    else:
-        kv_len = S
-    if CAUSAL:
-        offset = kv_len - T
-    else:
-        offset = kv_len * 0
+    start_m, bh, b, h, kvh = _query_tile_program(H, G)
+    kv_len, offset = _row_kv_len_and_offset(KV_LENS, b, T, S, CAUSAL, HAS_KV_LENS)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
