@@ -40,6 +40,7 @@ args = parser.parse_args()
 
 from minisirev import selfimprove as si  # noqa: E402
 from minisirev.checkpoint import CheckpointError, ConfigError, load_model  # noqa: E402
+from minisirev.report import format_table  # noqa: E402
 from minisirev.tasks import DataError, get_task  # noqa: E402
 from minisirev.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 
@@ -117,5 +118,5 @@ for t in iters:
 
 summary = si.write_summary(run_dir, task=settings["task"], method=config.get("method", "none"), iters=max(iters),
                            config=config)
-print(si.format_table(summary))
+print(format_table(summary))
 print(f"wrote {run_dir / 'summary.json'}, {run_dir / 'report.md'} and {run_dir / 'plots'}/")

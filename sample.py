@@ -129,7 +129,7 @@ with open(out, "a", encoding="utf-8") as f:
     for start in range(0, len(todo), args.batch_size):
         idxs = todo[start:start + args.batch_size]
         texts = [task.prompt(records[i]) for i in idxs]
-        prompts = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(t) for t in texts]
+        prompts = [tok.encode_prompt(t) for t in texts]
         outs = generate(model, prompts, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k, stop_ids=sorted(stop_ids), seed=args.seed, keys=idxs,
                         max_batch_rows=args.max_rows, progress=on_tokens, compile=args.compile)

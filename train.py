@@ -85,6 +85,7 @@ args = parser.parse_args()
 
 from minisirev import selfimprove as si  # noqa: E402  (after argparse so --help is instant)
 from minisirev.checkpoint import CheckpointError, ConfigError, load_model, save_model  # noqa: E402
+from minisirev.report import format_table  # noqa: E402
 from minisirev.tasks import DataError, get_task  # noqa: E402
 from minisirev.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 
@@ -227,5 +228,5 @@ except (DataError, CheckpointError, ConfigError, TokenizerError) as e:
 # -----------------------------------------------------------------------------
 # summary, report, and the console table
 summary = si.write_summary(run_dir, task=args.task, method=args.method, iters=args.iter, config=config)
-print(si.format_table(summary))
+print(format_table(summary))
 print(f"done in {time.perf_counter() - t_start:.0f} s; run directory: {run_dir} (report: {run_dir / 'report.md'})")

@@ -113,7 +113,7 @@ def build_dpo_pairs(samples: list[dict], max_per_question: int, seed: int) -> tu
 
 def encode_example(tok, prompt: str, completion: str) -> tuple[list[int], list[int]]:
     """[BOS] prompt completion [EOS] as input ids, and labels with the prompt masked (IGNORE)."""
-    p = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+    p = tok.encode_prompt(prompt)
     c = tok.encode(completion) + [tok.eos_id]
     return p + c, [IGNORE] * len(p) + c
 
@@ -295,10 +295,6 @@ def train_dpo(model, tok, pairs: list[dict], ref: list[tuple[float, float]], arg
 # ---- generation stages (sampling for training, and every generation evaluation needs) -------------------------
 
 
-def prompt_ids(tok, task, ex) -> list[int]:
-    return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(task.prompt(ex))
-
-
 def generate_and_verify(model, tok, task, records: list[dict], out_path: Path, *, n: int, temperature: float,
                         top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256, seed: int = 0,
                         chunk: int = 64, desc: str = "sample") -> list[dict]:
@@ -323,7 +319,8 @@ def generate_and_verify(model, tok, task, records: list[dict], out_path: Path, *
         for c in range(len(rows) // chunk, n_chunks):
             recs = records[c * chunk:(c + 1) * chunk]
             t0 = time.perf_counter()
-            outs = generate(model, [prompt_ids(tok, task, ex) for ex in recs], n=n, max_new_tokens=max_new_tokens,
+            prompts = [tok.encode_prompt(task.prompt(ex)) for ex in recs]
+            outs = generate(model, prompts, n=n, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop, seed=seed,
                             keys=list(range(c * chunk, c * chunk + len(recs))))
             texts = [[tok.decode(ids) for ids in per_prompt] for per_prompt in outs]
@@ -411,8 +408,3 @@ def write_summary(run_dir: Path, *, task: str, method: str, iters: int, config: 
     write_json(run_dir / "summary.json", summary)
     write_report(run_dir, summary)
     return summary
-
-
-def format_table(summary: dict) -> str:
-    from minisirev.report import format_table as fmt
-    return fmt(summary)

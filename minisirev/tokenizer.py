@@ -38,6 +38,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """[BOS] + encode(text): how every prompt is fed to the model (training, sampling, evaluation)."""
+        return ([self.bos_id] if self.bos_id is not None else []) + self.encode(text)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
