@@ -1,122 +1,148 @@
-"""The critical evaluation: every metric of PAPER.md for each iteration of a run, summary.json, report.md, plots.
+"""The critical evaluation: every metric of docs/method.md for each model of a run, summary.json, report.md, plots.
 
-    python eval.py --run runs/arith-sft-dpo                  # every iteration of a run (reuses finished metrics)
+    python eval.py --run runs/arith-sft-dpo                  # M0 and every iteration of a run
     python eval.py --model runs/arith-sft-dpo/iter_1/model --task arith --out runs/eval-m1
+    python eval.py --compare runs/sft runs/dpo runs/sft-dpo --out runs/compare   # methods side by side
 
-Generations (greedy and sampled test answers, greedy OOD answers) are kept under iter_t/eval/ and reused; metrics
-are recomputed from them with --recompute. Settings not given on the command line come from the run's
-config.json.
+Generations (greedy and sampled test answers, greedy OOD answers) are kept under iter_t/eval/ with the settings
+that made them, and reused while the settings are the same; a changed setting (say --eval-samples 16)
+regenerates what it changes and is recorded in the run's config.json. Settings not given on the command line come
+from the run's config.json, else the defaults train.py uses.
 """
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
-import torch
+from minisirev.stages import EvalSettings
 
+E = EvalSettings()
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # ---- what to evaluate
-parser.add_argument("--run", help="a run directory written by train.py: evaluate every iteration, write the report")
+parser.add_argument("--run", help="a run directory written by train.py: evaluate M0 and every iteration")
 parser.add_argument("--model", help="one checkpoint (local directory or Hub id) to evaluate instead of a run")
-parser.add_argument("--task", default=None, help="task of --model: arith, gsm8k, math, csqa, mbpp (default: the run's)")
+parser.add_argument("--compare", nargs="+", metavar="RUN",
+                    help="finished runs (e.g. SFT, DPO, SFT-DPO from one M1) to put side by side in one report")
+parser.add_argument("--task", default=None, help="task of --model: arith, gsm8k, math, csqa, mbpp (default arith)")
 parser.add_argument("--data", default=None, help="directory holding the task's split files (default data/TASK)")
-parser.add_argument("--out", default=None, help="with --model: where to write (default runs/eval-MODELNAME)")
-parser.add_argument("--recompute", action="store_true", help="recompute metrics.json even where it exists")
-# ---- evaluation settings (default: the run's config.json, else these)
-parser.add_argument("--n-test", type=int, default=None, help="test questions evaluated (default 200; 0 = all)")
-parser.add_argument("--n-ood", type=int, default=None, help="OOD questions evaluated (default 250; 0 = all)")
-parser.add_argument("--eval-samples", type=int, default=None, help="samples per test question (default 8)")
-parser.add_argument("--eval-temperature", type=float, default=None, help="temperature of those samples (default 0.75)")
-parser.add_argument("--top-p", type=float, default=None, help="nucleus p of those samples (default 0.95)")
-parser.add_argument("--max-new-tokens", type=int, default=None, help="longest completion (default 160)")
-parser.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
+parser.add_argument("--out", default=None,
+                    help="with --model or --compare: where to write (default runs/eval-MODELNAME, runs/compare)")
+parser.add_argument("--recompute", action="store_true", help="recompute metrics.json from the generations")
+# ---- evaluation settings (default: the run's config.json, else train.py's defaults)
+parser.add_argument("--n-test", type=int, default=None, help=f"test questions evaluated (default {E.n_test}; 0 = all)")
+parser.add_argument("--n-ood", type=int, default=None, help=f"OOD questions evaluated (default {E.n_ood}; 0 = all)")
+parser.add_argument("--eval-samples", type=int, default=None,
+                    help=f"sampled completions per test question (default {E.samples})")
+parser.add_argument("--eval-temperature", type=float, default=None,
+                    help=f"temperature of those samples (default {E.temperature}; 0 = greedy)")
+parser.add_argument("--top-p", type=float, default=None,
+                    help=f"nucleus p of those samples, in (0, 1] (default {E.top_p})")
+parser.add_argument("--top-k", type=int, default=None, help=f"top-k of those samples (default {E.top_k} = off)")
+parser.add_argument("--max-new-tokens", type=int, default=None,
+                    help=f"longest completion, in tokens (default {E.max_new_tokens})")
+parser.add_argument("--seed", type=int, default=None, help=f"sampling seed (default {E.seed})")
 parser.add_argument("--semantic-questions", type=int, default=None,
-                    help="questions the semantic diversity is averaged over (default 40; 0 = all)")
+                    help="questions the semantic diversity is averaged over (default 0 = all)")
 # ---- system
 parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 parser.add_argument("--attn", choices=["ref", "sdpa", "triton"], default=None, help="attention backend")
 args = parser.parse_args()
 
-from minisirev import selfimprove as si  # noqa: E402
+from minisirev import cli  # noqa: E402
 from minisirev.checkpoint import CheckpointError, ConfigError, load_model  # noqa: E402
 from minisirev.report import format_table  # noqa: E402
-from minisirev.tasks import DataError, get_task  # noqa: E402
+from minisirev.run import Run, load_inputs, read_json, write_json  # noqa: E402
+from minisirev.stages import evaluate, write_summary  # noqa: E402
+from minisirev.tasks import DataError, HarnessError  # noqa: E402
 from minisirev.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
+from minisirev.training import step_methods  # noqa: E402
 
-
-def fail(msg: str):
-    print(f"eval.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-if bool(args.run) == bool(args.model):
-    fail("give exactly one of --run DIR or --model CHECKPOINT")
+P = "eval.py"
+if sum(x is not None for x in (args.run, args.model, args.compare)) != 1:
+    cli.fail(P, "give exactly one of --run DIR, --model CHECKPOINT or --compare RUN [RUN ...]")
+cli.check_flags(P, args, {"n_test": cli.INT_GE0, "n_ood": cli.INT_GE0, "eval_samples": cli.INT_GE1,
+                          "eval_temperature": cli.NONNEG, "top_p": cli.PROB, "top_k": cli.INT_GE0,
+                          "max_new_tokens": cli.INT_GE1, "semantic_questions": cli.INT_GE0})
 
 # -----------------------------------------------------------------------------
-# the run to evaluate: a train.py run, or a one-iteration pseudo-run around a single checkpoint
+# --compare: one report over finished runs, nothing evaluated
+if args.compare:
+    from minisirev.report import render_compare
+
+    runs = [Run(r) for r in args.compare]
+    for r in runs:
+        if not r.summary.exists():
+            cli.fail(P, f"{r.root}: no summary.json (run train.py or eval.py --run on it first)")
+    out = render_compare([read_json(r.summary) for r in runs], args.out or "runs/compare")
+    print(f"wrote {out}")
+    raise SystemExit(0)
+
+# -----------------------------------------------------------------------------
+# the run to evaluate: a train.py run, or a pseudo-run holding one checkpoint as its t = 0 row
 if args.run:
-    run_dir = Path(args.run)
-    if not (run_dir / "config.json").exists():
-        fail(f"{run_dir}: not a run directory (no config.json)")
-    config = json.loads((run_dir / "config.json").read_text())
-    iters = sorted(int(p.name.split("_")[1]) for p in run_dir.glob("iter_*") if (p / "model" / "config.json").exists())
-    if not iters or iters[0] != 1:
-        fail(f"{run_dir}: no finished iteration (iter_1/model is missing)")
-    iters = list(range(1, max(iters) + 1))
+    run = Run(args.run)
+    config = run.stored_config()
+    if config is None:
+        cli.fail(P, f"{run.root}: not a run directory (no config.json)")
+    ts = ([] if config.get("skip_base") else [0]) + run.trained_iters()
+    if 1 not in ts:
+        cli.fail(P, f"{run.root}: no finished iteration (iter_1/model is missing)")
+    src = {t: config["model"] if t == 0 else run.model(t) for t in ts}
 else:
-    run_dir = Path(args.out or f"runs/eval-{Path(args.model).name}")
-    config = {"task": args.task or "arith", "method": "none"}
-    iters = [1]
-pick = lambda key, default: getattr(args, key) if getattr(args, key) is not None else config.get(key, default)  # noqa
-settings = dict(task=args.task or config["task"], n_test=pick("n_test", 200), n_ood=pick("n_ood", 250),
-                eval_samples=pick("eval_samples", 8), eval_temperature=pick("eval_temperature", 0.75),
-                top_p=pick("top_p", 0.95), top_k=config.get("top_k", 0), max_new_tokens=pick("max_new_tokens", 160),
-                seed=pick("seed", 0), semantic_questions=pick("semantic_questions", 40))
-device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-attn = args.attn or ("triton" if device.type == "cuda" else "sdpa")
+    run = Run(args.out or f"runs/eval-{args.model.rstrip('/').split('/')[-1]}")
+    config = {**(run.stored_config() or {}), "task": args.task or "arith", "method": "none", "model": args.model}
+    ts, src = [0], {0: args.model}
 
+
+def pick(flag: str, key: str, default):
+    v = getattr(args, flag)
+    return v if v is not None else config.get(key, default)
+
+
+settings = EvalSettings(n_test=pick("n_test", "n_test", E.n_test), n_ood=pick("n_ood", "n_ood", E.n_ood),
+                        samples=pick("eval_samples", "eval_samples", E.samples),
+                        temperature=pick("eval_temperature", "eval_temperature", E.temperature),
+                        top_p=pick("top_p", "top_p", E.top_p), top_k=pick("top_k", "top_k", E.top_k),
+                        max_new_tokens=pick("max_new_tokens", "max_new_tokens", E.max_new_tokens),
+                        seed=pick("seed", "seed", E.seed),
+                        semantic_questions=pick("semantic_questions", "semantic_questions", E.semantic_questions))
+device = cli.resolve_device(P, args.device)
+attn = cli.default_attn(device, args.attn)
 try:
-    task = get_task(settings["task"])
-    data = args.data or config.get("data")
-    split = lambda name: (Path(data) / f"{name}.jsonl") if data else name  # noqa: E731
-    test_recs = task.load(split(task.splits["test"]))[:settings["n_test"] or None]
-    ood_task = get_task(task.ood_task) if getattr(task, "ood_task", None) else task
-    ood_split = split(task.splits["ood"]) if ood_task is task else task.splits.get("ood")  # MATH for GSM8K
-    ood_recs = ood_task.load(ood_split)[:settings["n_ood"] or None] if task.splits.get("ood") else []
-    tok = load_tokenizer(args.model or run_dir / "iter_1" / "model")
+    inputs = load_inputs(config["task"], args.data or config.get("data"), n_train=None, n_test=settings.n_test,
+                         n_ood=settings.n_ood)
+    tok = load_tokenizer(src[ts[-1]])
 except (DataError, CheckpointError, ConfigError, TokenizerError, ValueError) as e:
-    fail(str(e))
+    cli.fail(P, str(e))
+run.root.mkdir(parents=True, exist_ok=True)
+# the settings this evaluation used become the run's: a later train.py resume then sees them
+config.update({"n_test": settings.n_test, "n_ood": settings.n_ood, "eval_samples": settings.samples,
+               "eval_temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
+               "max_new_tokens": settings.max_new_tokens, "seed": settings.seed,
+               "semantic_questions": settings.semantic_questions})
+write_json(run.config, config)
 
 # -----------------------------------------------------------------------------
-# evaluate every iteration whose metrics are missing (or all, with --recompute)
-for t in iters:
-    it = run_dir / f"iter_{t}"
-    it.mkdir(parents=True, exist_ok=True)
-    if (it / "metrics.json").exists() and not args.recompute:
-        print(f"iter {t}: metrics.json exists, reused (--recompute to redo)")
-        continue
-    src = args.model if args.model else it / "model"
-    holder = {}
+# evaluate every model whose generations or metrics are missing or made with other settings
+loaded = {}
+try:
+    for t in ts:
+        step = "base" if t == 0 else "+".join(step_methods(config.get("method", "sft"), t,
+                                                           config.get("schedule", "alternate")))
+        if args.recompute:
+            run.metrics(t).unlink(missing_ok=True)
 
-    def get_model(src=src, holder=holder):
-        if "m" not in holder:
-            holder["m"] = load_model(src, device=device, attn=attn)
-        return holder["m"]
+        def model(t=t):
+            if t not in loaded:
+                loaded.clear()
+                loaded[t] = load_model(src[t], device=device, attn=attn)
+            return loaded[t]
 
-    step = si.step_methods(config.get("method", "sft"), t, config.get("schedule", "alternate")) \
-        if config.get("method") != "none" else ["none"]
-    try:
-        m = si.evaluate(get_model, tok, task, ood_task, test_recs, ood_recs, it, run_dir, t=t,
-                        step_method="+".join(step), n_samples=settings["eval_samples"],
-                        temperature=settings["eval_temperature"], top_p=settings["top_p"], top_k=settings["top_k"],
-                        max_new_tokens=settings["max_new_tokens"], seed=settings["seed"],
-                        semantic_questions=settings["semantic_questions"])
-    except (CheckpointError, ConfigError) as e:
-        fail(str(e))
-    print(f"iter {t}: pass@1 {100 * m['pass@1']:.1f}%")
+        m = evaluate(run, t, model, tok, inputs, settings, step)
+        print(f"iter {t} ({step}): pass@1 {100 * m['pass@1']:.1f}%")
+except HarnessError as e:
+    cli.fail(P, f"the verifier could not run: {e}", code=1)
+except (DataError, CheckpointError, ConfigError, TokenizerError) as e:
+    cli.fail(P, str(e))
 
-summary = si.write_summary(run_dir, task=settings["task"], method=config.get("method", "none"), iters=max(iters),
-                           config=config)
+summary = write_summary(run, config)
 print(format_table(summary))
-print(f"wrote {run_dir / 'summary.json'}, {run_dir / 'report.md'} and {run_dir / 'plots'}/")
+print(f"wrote {run.summary}, {run.root / 'report.md'} and {run.root / 'plots'}/")

@@ -5,7 +5,7 @@ import torch
 
 from minisirev.config import ModelConfig
 from minisirev.model import Transformer
-from minisirev.selfimprove import (
+from minisirev.training import (
     TrainArgs,
     build_dpo_pairs,
     build_sft_data,

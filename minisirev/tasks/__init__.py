@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from minisirev.tasks.arith import Arith
-from minisirev.tasks.base import DataError, Task, read_jsonl
+from minisirev.tasks.base import DataError, HarnessError, Task, read_jsonl
 from minisirev.tasks.csqa import CommonsenseQA
 from minisirev.tasks.gsm8k import GSM8K
 from minisirev.tasks.math_task import MATH
@@ -22,4 +22,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
-__all__ = ["DataError", "Task", "TASKS", "get_task", "read_jsonl"]
+__all__ = ["DataError", "HarnessError", "Task", "TASKS", "get_task", "read_jsonl"]
