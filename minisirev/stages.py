@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from minisirev import metrics as M
 from minisirev.run import Inputs, Run, append_jsonl, read_json, read_partial_rows, read_rows, write_json, write_jsonl
+from minisirev.tasks import HarnessError
 
 # ---- settings -------------------------------------------------------------------------------------------------
 
@@ -108,8 +109,13 @@ def generate_and_verify(model, tok, task, records: list[dict], out: Path, sampli
                             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop_ids=stop_ids(tok),
                             seed=s.seed, keys=list(range(c * chunk, c * chunk + len(recs))), **gen_kw)
             texts = [[tok.decode(ids) for ids in per_prompt] for per_prompt in outs]
-            verdicts = task.is_correct_batch([ex for ex, ts in zip(recs, texts) for _ in ts],
-                                             [t for ts in texts for t in ts])
+            try:
+                verdicts = task.is_correct_batch([ex for ex, ts in zip(recs, texts) for _ in ts],
+                                                 [t for ts in texts for t in ts])
+            except HarnessError as e:  # the chunk is not written: its verdicts do not exist
+                if log is not None:
+                    append_jsonl(log, {"stage": desc, "file": str(out), "harness_errors": e.count, "error": str(e)})
+                raise
             for j, (ex, prompt, ts) in enumerate(zip(recs, prompts, texts)):
                 i = c * chunk + j
                 row = {"idx": i, "id": ex.get("id", i), "prompt": prompt, "completions": ts,

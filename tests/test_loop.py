@@ -1,7 +1,8 @@
 """The self-improvement loop end to end through train.py, on a miniature configuration of the embedded default
-(the shipped base model, a handful of questions): every method writes the run directory of DESIGN.md, the
+(the shipped base model, a handful of questions): every method writes the run directory (minisirev/run.py), the
 training data really is what the verifier says, a killed run resumes to the result of an uninterrupted one,
-mismatched flags are refused and a diverging loss stops with the last good model kept."""
+mismatched flags are refused, a finished run is never shrunk, a moved run resumes, changed evaluation settings
+regenerate, and a diverging loss stops with the last good model kept."""
 
 import json
 import os
@@ -41,11 +42,17 @@ def rows(path: Path) -> list[dict]:
 @pytest.mark.parametrize("method,schedule", [("sft", "alternate"), ("dpo", "alternate"), ("sft-dpo", "both")])
 def test_two_iteration_run_writes_the_run_directory(tmp_path, method, schedule):
     run = tmp_path / "run"
-    train(run, "--method", method, "--schedule", schedule)
+    greedy_eval = method == "dpo"  # --eval-temperature 0 is honoured (it once became the default 0.75)
+    train(run, "--method", method, "--schedule", schedule, *(["--eval-temperature", "0"] if greedy_eval else []))
     task = get_task("arith")
     train_recs = {ex["id"]: ex for ex in task.load("train")[:24]}
 
-    assert json.loads((run / "config.json").read_text())["method"] == method
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == method and config["eval_temperature"] == (0.0 if greedy_eval else 0.75)
+    base = json.loads((run / "iter_0" / "metrics.json").read_text())  # M0, the t = 0 row
+    assert METRIC_KEYS <= set(base) and base["iter"] == 0 and base["step_method"] == "base"
+    if greedy_eval:  # every "sample" is the greedy answer
+        assert all(len(set(r["completions"])) == 1 for r in rows(run / "iter_1" / "eval" / "test_samples.jsonl"))
     for t in (1, 2):
         assert (run / f"iter_{t}" / "model" / "config.json").exists()
         assert (run / f"iter_{t}" / "model" / "tokenizer.json").exists()
@@ -53,7 +60,7 @@ def test_two_iteration_run_writes_the_run_directory(tmp_path, method, schedule):
         assert METRIC_KEYS <= set(m) and m["iter"] == t
     assert rows(run / "iter_1" / "train_data.jsonl")[0]["type"] == "sft"
 
-    samples = rows(run / "iter_2" / "samples.jsonl")
+    samples = rows(run / "iter_1" / "samples.jsonl")  # M1's samples: its coverage, and round 2's data
     assert len(samples) == 24 and all(len(s["completions"]) == len(s["correct"]) == 8 for s in samples)
     for s in samples:  # each stored verdict is the verifier's
         assert s["correct"] == [task.is_correct(train_recs[s["id"]], c) for c in s["completions"]]
@@ -74,18 +81,50 @@ def test_two_iteration_run_writes_the_run_directory(tmp_path, method, schedule):
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == method and [m["iter"] for m in summary["iterations"]] == [1, 2]
-    assert (run / "report.md").exists() and len(list((run / "plots").glob("*.png"))) == 4
+    assert summary["base"] == base
+    assert (run / "report.md").exists() and len(list((run / "plots").glob("*.png"))) >= 4
 
-    if method == "sft":  # eval.py rebuilds the metrics, summary, report and plots from the run directory
-        before = json.loads((run / "iter_2" / "metrics.json").read_text())
-        for f in [run / "iter_2" / "metrics.json", run / "summary.json", run / "report.md", *run.glob("plots/*")]:
-            f.unlink()
-        r = subprocess.run([sys.executable, "eval.py", "--run", str(run)], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert json.loads((run / "iter_2" / "metrics.json").read_text()) == before
-        assert json.loads((run / "summary.json").read_text())["iterations"][1] == before
-        assert (run / "report.md").exists() and len(list((run / "plots").glob("*.png"))) == 4
+    if method == "sft":
+        check_eval_rebuilds_and_finished_runs_are_kept(run, tmp_path)
+
+
+def evaluate(run: Path, *extra: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "eval.py", "--run", str(run), *extra], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def check_eval_rebuilds_and_finished_runs_are_kept(run: Path, tmp_path: Path):
+    # eval.py rebuilds the metrics, summary, report and plots from the run directory
+    before = json.loads((run / "iter_2" / "metrics.json").read_text())
+    for f in [run / "iter_2" / "metrics.json", run / "summary.json", run / "report.md", *run.glob("plots/*")]:
+        f.unlink()
+    evaluate(run)
+    assert json.loads((run / "iter_2" / "metrics.json").read_text()) == before
+    assert json.loads((run / "summary.json").read_text())["iterations"][1] == before
+    assert (run / "report.md").exists() and len(list((run / "plots").glob("*.png"))) >= 4
+
+    # a command that cannot extend a finished run is refused and leaves it as it was
+    kept = {p: p.read_bytes() for p in [run / "summary.json", run / "report.md", run / "config.json"]}
+    r = train(run, "--method", "sft", "--iter", "1", check=False)
+    assert r.returncode == 2 and "2 finished iterations" in r.stderr and "Traceback" not in r.stderr
+    assert all(p.read_bytes() == b for p, b in kept.items())
+
+    # a moved run resumes: nothing is recomputed, the result is the same
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    stamps = {p: p.stat().st_mtime_ns for p in [*moved.rglob("*.jsonl"), *moved.rglob("metrics.json")]}
+    train(moved, "--method", "sft")
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # other evaluation settings regenerate what they change (sampled answers), keep the rest (greedy answers)
+    greedy = (moved / "iter_1" / "eval" / "test_greedy.jsonl").stat().st_mtime_ns
+    evaluate(moved, "--eval-samples", "2")
+    assert all(len(r["completions"]) == 2 for r in rows(moved / "iter_2" / "eval" / "test_samples.jsonl"))
+    assert json.loads((moved / "iter_2" / "metrics.json").read_text())["pass@k"].keys() == {"1", "2"}
+    assert (moved / "iter_1" / "eval" / "test_greedy.jsonl").stat().st_mtime_ns == greedy
+    assert json.loads((moved / "config.json").read_text())["eval_samples"] == 2
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):

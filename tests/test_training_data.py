@@ -54,13 +54,26 @@ def test_reference_logprobs_come_from_the_frozen_reference(tmp_path):
     policy = Transformer(cfg).init_weights(seed=0)
     ref_model = Transformer(cfg).init_weights(seed=1)  # a different model: its numbers must be the ones used
     pairs = [{"prompt": "Q: what?", "chosen": "the answer is 12", "rejected": "the answer is 7"}] * 2
-    ref = reference_logprobs(ref_model, tok, pairs, batch_size=2)
-    own = reference_logprobs(policy, tok, pairs, batch_size=2)
+    ref = reference_logprobs(ref_model, tok, pairs, TrainArgs(batch_size=2))
+    own = reference_logprobs(policy, tok, pairs, TrainArgs(batch_size=2))
     assert ref != own
     before = [p.clone() for p in ref_model.parameters()]
     log = train_dpo(policy, tok, pairs, ref, TrainArgs(lr=1e-2, batch_size=2, epochs=1), tmp_path / "log.jsonl")
     # at step 1 the DPO margin is measured against ref_model's log-probs, so the implied reward of the chosen
     # answer is beta * (policy - ref) with the *reference model's* value
-    pol = reference_logprobs(Transformer(cfg).init_weights(seed=0), tok, pairs[:1], 1)[0]
+    pol = reference_logprobs(Transformer(cfg).init_weights(seed=0), tok, pairs[:1], TrainArgs(batch_size=1))[0]
     assert abs(log[0]["rewards/chosen"] - 0.1 * (pol[0] - ref[0][0])) < 1e-4
     assert all(torch.equal(a, b) for a, b in zip(before, ref_model.parameters()))  # the reference stays frozen
+
+
+def test_reference_logprobs_share_the_policys_precision(tmp_path):
+    """Under bf16 autocast the reference log-probs run in bf16 as the policy's do, so DPO's first step, with the
+    reference equal to the policy, has a zero margin (it once computed the reference in fp32: a spurious margin)."""
+    tok = train_tokenizer(["the answer is 12", "the answer is 7", "Q: what?"] * 5, vocab_size=280)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, ffn_dim=64, eos_id=2, bos_id=1)
+    policy = Transformer(cfg).init_weights(seed=0)
+    pairs = [{"prompt": "Q: what?", "chosen": "the answer is 12", "rejected": "the answer is 7"}] * 2
+    args = TrainArgs(lr=1e-2, batch_size=2, epochs=1, autocast_bf16=True)
+    ref = reference_logprobs(policy, tok, pairs, args)
+    log = train_dpo(policy, tok, pairs, ref, args, tmp_path / "log.jsonl")
+    assert log[0]["rewards/margins"] == 0.0 and log[0]["rewards/chosen"] == 0.0
