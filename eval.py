@@ -47,10 +47,10 @@ parser.add_argument("--attn", choices=["ref", "sdpa", "triton"], default=None, h
 args = parser.parse_args()
 
 from minisirev import cli  # noqa: E402
-from minisirev.checkpoint import CheckpointError, ConfigError, load_model  # noqa: E402
+from minisirev.checkpoint import CheckpointError, ConfigError  # noqa: E402
 from minisirev.report import format_table  # noqa: E402
 from minisirev.run import Run, load_inputs, read_json, write_json  # noqa: E402
-from minisirev.stages import evaluate, write_summary  # noqa: E402
+from minisirev.stages import Models, evaluate, write_summary  # noqa: E402
 from minisirev.tasks import DataError, HarnessError  # noqa: E402
 from minisirev.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 from minisirev.training import step_methods  # noqa: E402
@@ -122,21 +122,14 @@ write_json(run.config, config)
 
 # -----------------------------------------------------------------------------
 # evaluate every model whose generations or metrics are missing or made with other settings
-loaded = {}
+model = Models(lambda t: src[t], device=device, attn=attn)
 try:
     for t in ts:
         step = "base" if t == 0 else "+".join(step_methods(config.get("method", "sft"), t,
                                                            config.get("schedule", "alternate")))
         if args.recompute:
             run.metrics(t).unlink(missing_ok=True)
-
-        def model(t=t):
-            if t not in loaded:
-                loaded.clear()
-                loaded[t] = load_model(src[t], device=device, attn=attn)
-            return loaded[t]
-
-        m = evaluate(run, t, model, tok, inputs, settings, step)
+        m = evaluate(run, t, lambda: model(t), tok, inputs, settings, step)
         print(f"iter {t} ({step}): pass@1 {100 * m['pass@1']:.1f}%")
 except HarnessError as e:
     cli.fail(P, f"the verifier could not run: {e}", code=1)

@@ -90,7 +90,7 @@ from minisirev import training as tr  # noqa: E402
 from minisirev.checkpoint import CheckpointError, ConfigError, load_model, save_model  # noqa: E402
 from minisirev.report import format_table  # noqa: E402
 from minisirev.run import Run, load_inputs, read_rows, write_json, write_jsonl  # noqa: E402
-from minisirev.stages import Sampling, evaluate, generate_and_verify, write_summary  # noqa: E402
+from minisirev.stages import Models, Sampling, evaluate, generate_and_verify, write_summary  # noqa: E402
 from minisirev.tasks import DataError, HarnessError  # noqa: E402
 from minisirev.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 
@@ -140,15 +140,7 @@ dpo = tr.DPOArgs(beta=args.beta, label_smoothing=args.label_smoothing, loss_type
 evals = EvalSettings(n_test=args.n_test, n_ood=args.n_ood, samples=args.eval_samples,
                      temperature=config["eval_temperature"], top_p=args.top_p, top_k=args.top_k,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, semantic_questions=args.semantic_questions)
-loaded = {}  # t -> M_t in memory: at most the one model being trained or sampled
-
-
-def model(t: int):
-    """M_t, loaded from the run directory (or the base model) only when it is not already in memory."""
-    if t not in loaded:
-        loaded.clear()
-        loaded[t] = load_model(args.model if t == 0 else run.model(t), device=device, dtype=dtype, attn=attn)
-    return loaded[t]
+model = Models(lambda t: args.model if t == 0 else run.model(t), device=device, dtype=dtype, attn=attn)
 
 
 def self_samples(t: int) -> list[dict]:
@@ -195,8 +187,7 @@ try:
                     tr.train_dpo(policy, tok, data["dpo"], ref, dataclasses.replace(train_args, lr=config["dpo_lr"]),
                                  run.train_log(t), dpo, desc=f"iter {t} dpo")
             save_model(policy, run.model(t), tok)
-            loaded.clear()
-            loaded[t] = policy
+            model.put(t, policy)
         if t == 1 or t < args.iter:  # ---- M_t's samples: M1's coverage, the next round's data
             self_samples(t)
         m = evaluate(run, t, lambda: model(t), tok, inputs, evals, "+".join(methods))  # ---- evaluate M_t

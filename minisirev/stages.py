@@ -62,6 +62,25 @@ def stop_ids(tok) -> tuple[int, ...]:
     return tuple(ids)
 
 
+class Models:
+    """The model of each stage, loaded on first use, at most one in memory: `models(t)` is M_t, read from
+    `source(t)` (the base model for t = 0, iter_t/model after)."""
+
+    def __init__(self, source: Callable[[int], str | Path], **load_kw):
+        self.source, self.load_kw, self.held = source, load_kw, {}
+
+    def __call__(self, t: int):
+        if t not in self.held:
+            from minisirev.checkpoint import load_model
+            self.held.clear()
+            self.held[t] = load_model(self.source(t), **self.load_kw)
+        return self.held[t]
+
+    def put(self, t: int, model) -> None:
+        """M_t is `model` (just trained, already in memory)."""
+        self.held = {t: model}
+
+
 # ---- sample and verify ----------------------------------------------------------------------------------------
 
 

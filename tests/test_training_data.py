@@ -5,6 +5,7 @@ import torch
 
 from minisirev.config import ModelConfig
 from minisirev.model import Transformer
+from minisirev.tokenizer import train_tokenizer
 from minisirev.training import (
     TrainArgs,
     build_dpo_pairs,
@@ -13,7 +14,6 @@ from minisirev.training import (
     step_methods,
     train_dpo,
 )
-from minisirev.tokenizer import train_tokenizer
 
 SAMPLES = [
     {"idx": 0, "prompt": "Q0", "completions": ["a", "a ", "b", "x", "y", "x"], "correct": [1, 1, 1, 0, 0, 0]},
