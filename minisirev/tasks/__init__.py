@@ -1,12 +1,13 @@
 """Tasks behind one interface (base.Task): the embedded `arith` task and GSM8K, MATH, CommonsenseQA, MBPP.
 
     get_task(name) -> Task      name in TASKS; an unknown name raises ValueError listing the valid ones
+    HarnessError                raised by a code task's verifier when its sandbox could not judge a program
 """
 
 from __future__ import annotations
 
 from minisirev.tasks.arith import Arith
-from minisirev.tasks.base import DataError, Task, read_jsonl
+from minisirev.tasks.base import DataError, HarnessError, Task, read_jsonl
 from minisirev.tasks.csqa import CommonsenseQA
 from minisirev.tasks.gsm8k import GSM8K
 from minisirev.tasks.math_task import MATH
@@ -22,4 +23,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
-__all__ = ["DataError", "Task", "TASKS", "get_task", "read_jsonl"]
+__all__ = ["DataError", "HarnessError", "Task", "TASKS", "get_task", "read_jsonl"]
