@@ -261,3 +261,14 @@ def test_guard_kills_are_program_errors():
     """The guard's own kills ("sandbox: forbidden operation ...") are the program's doing, not the harness's."""
     v = run_program(HOSTILE["network connect"], ["assert True"], **FAST)
     assert v.status == "error" and "forbidden operation" in v.reason
+
+
+def test_slow_start_is_retried_once_then_a_harness_error(monkeypatch):
+    """A child that cannot even set up within the time limit (a busy machine) says nothing about the program."""
+    _break_child(monkeypatch, "    isolation = []\n", "    isolation = []\n    __import__('time').sleep(2)\n")
+    calls = []
+    real_run = sandbox._run
+    monkeypatch.setattr(sandbox, "_run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    v = run_program(ADD, ["assert add(1, 2) == 3"], timeout=0.5, memory_mb=256)
+    assert v.status == "harness" and v.reason.startswith(sandbox._SLOW_START) and "fix:" in v.reason, v
+    assert len(calls) == 2

@@ -179,7 +179,7 @@ def run_program(code: str, tests: list[str] | tuple[str, ...] = (), *, setup: st
     output_bytes: how much of stdout/stderr the verdict keeps.
     """
     t0 = time.monotonic()
-    for attempt in range(2):  # a start-up that overran the time limit (a busy machine) is retried once
+    for _ in range(2):  # a start-up that overran the time limit (a busy machine) is retried once
         try:
             uid = _slots.get(timeout=max(timeout, 1.0) * 10) if _IS_ROOT else None
         except queue.Empty:

@@ -290,7 +290,7 @@ def _prepare(libc, cfg) -> str:
         except OSError as e:  # e.g. the uid is not mapped in this container
             if "mount" in isolation:  # never run as root with the interpreter's files re-mounted
                 raise HarnessFailure(f"could not switch to uid {cfg['uid']} ({e.strerror}); fix: run in a "
-                                     "container that maps uids 40000-65535, or as a non-root user") from None
+                                     "container whose user namespace maps that uid, or as a non-root user") from None
             os.write(2, f"sandbox: could not switch to uid {cfg['uid']} ({e}); running with the guard only\n".encode())
     if "mount" in isolation:  # the re-mounted interpreter must be usable by the slot uid
         for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.__file__)):
@@ -307,7 +307,7 @@ def _prepare(libc, cfg) -> str:
                                      f"{os.getuid()}; fix: chmod o+rx {p} and its parents (o+r on its files), or "
                                      "use an interpreter installed with world-readable files")
     if sys.flags.optimize:
-        raise HarnessFailure("the interpreter runs with -O, which strips assert statements; fix: unset PYTHONOPTIMIZE")
+        raise HarnessFailure("the interpreter runs with -O, which strips assert statements; fix: start it without -O")
     os.chdir(workdir)
     os.environ.clear()
     os.environ.update({"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"})
