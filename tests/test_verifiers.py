@@ -1,10 +1,11 @@
 """Verifiers on real data and under broken harnesses.
 
-MBPP: the gold solutions of real test records (tests/fixtures/mbpp_real.jsonl: the MBPP test split's task_ids
-11-50, unchanged from the upstream mbpp.jsonl) must all be accepted and wrong ones rejected when the interpreter
+MBPP: the gold solutions of real test records must all be accepted and wrong ones rejected when the interpreter
 is a virtual environment under /tmp, /var/tmp or /dev/shm, the directories the sandbox replaces by a private
-tmpfs. A harness that cannot judge programs must raise HarnessError, never answer False. MATH: records whose
-level is "Level ?" (the train split has some) or missing have level None.
+tmpfs. The records (tests/fixtures/mbpp_real.jsonl) are the MBPP test split's task_ids 11-50, lines unchanged
+from the upstream mbpp.jsonl (Austin et al. 2021, arXiv 2108.07732; CC BY 4.0). A harness that cannot judge
+programs must raise HarnessError, never answer False. MATH: records whose level is "Level ?" (the train split
+has some) or missing have level None.
 """
 
 import json
