@@ -192,3 +192,83 @@ def test_unprivileged_fallback(monkeypatch):
     v = run_program("open('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())", **FAST)
     assert v.passed and v.stdout == "ok\n"  # the program's own temporary directory is writable
     _harm_check()
+
+
+# ---- harness errors: "the harness could not run it" is never "the program failed" ------------------------------
+
+@pytest.fixture
+def fresh_self_test(monkeypatch):
+    """An empty self-test cache, as in a new process."""
+    monkeypatch.setattr(sandbox, "_self_test_cache", {})
+
+
+def _break_child(monkeypatch, old: str, new: str) -> None:
+    assert old in sandbox._CHILD_SOURCE
+    monkeypatch.setattr(sandbox, "_CHILD_SOURCE", sandbox._CHILD_SOURCE.replace(old, new))
+
+
+def test_self_test_passes_here_and_is_cached(fresh_self_test, monkeypatch):
+    assert sandbox.self_test(**FAST) is None
+    monkeypatch.setattr(sandbox, "run_many", lambda *a, **k: pytest.fail("the self-test ran twice"))
+    assert sandbox.self_test(**FAST) is None
+
+
+def test_setup_failure_is_a_harness_verdict_with_its_reason(fresh_self_test, monkeypatch):
+    _break_child(monkeypatch, "    isolation = []\n    privileged =",
+                 "    raise HarnessFailure('simulated set-up failure; fix: none needed')\n    isolation = []\n"
+                 "    privileged =")
+    v = run_program(ADD, ["assert add(1, 2) == 3"], **FAST)
+    assert v.status == "harness" and v.harness_error and not v.passed
+    assert v.reason == "sandbox: simulated set-up failure; fix: none needed"
+    problem = sandbox.self_test(**FAST)
+    assert problem.startswith("sandbox self-test failed: the known-good program could not be run: simulated")
+    assert "\n" not in problem
+
+
+@pytest.mark.parametrize("breakage", ["child exits at once", "child crashes in set-up", "no interpreter"])
+def test_broken_harness_gives_harness_verdicts(breakage, monkeypatch):
+    if breakage == "child exits at once":
+        monkeypatch.setattr(sandbox, "_CHILD_SOURCE", "import os\nos._exit(0)\n")
+    elif breakage == "child crashes in set-up":
+        _break_child(monkeypatch, "    isolation = []\n", "    isolation = []\n    os.stat('/nonexistent')\n")
+    else:
+        monkeypatch.setattr(sandbox.sys, "executable", "/nonexistent/bin/python")
+    for v in run_many([(ADD, ["assert add(1, 2) == 3"]), (ADD, ["assert add(1, 2) == 4"])], **FAST):
+        assert v.status == "harness", (breakage, v)
+    if breakage == "child crashes in set-up":
+        assert "FileNotFoundError" in v.reason and "/nonexistent" in v.reason
+
+
+@pytest.mark.parametrize("name", ["exit 72", "fake lines on every fd", "truncate every fd", "harness-like stderr"])
+def test_a_program_cannot_make_its_verdict_a_harness_error(name):
+    """A harness error stops a run, so a program must not be able to fake one: the set-up outcome goes to an fd
+    that is closed before the program starts, tagged with the nonce."""
+    code = {
+        "exit 72": "import os\nos._exit(72)\n",
+        "fake lines on every fd": "import os\nfor fd in range(3, 64):\n    try:\n"
+                                  "        os.write(fd, b'HARNESS broken\\n')\n    except OSError:\n        pass\n"
+                                  "os._exit(1)\n",
+        "truncate every fd": "import os\nfor fd in range(3, 64):\n    try:\n        os.ftruncate(fd, 0)\n"
+                             "    except OSError:\n        pass\nos._exit(0)\n",
+        "harness-like stderr": "import sys\nsys.stderr.write('sandbox: the child ended before running the program')\n"
+                               "raise SystemExit(3)\n",
+    }[name]
+    v = run_program(code, ["assert True"], **FAST)
+    assert v.status in ("fail", "error"), (name, v)
+
+
+def test_guard_kills_are_program_errors():
+    """The guard's own kills ("sandbox: forbidden operation ...") are the program's doing, not the harness's."""
+    v = run_program(HOSTILE["network connect"], ["assert True"], **FAST)
+    assert v.status == "error" and "forbidden operation" in v.reason
+
+
+def test_slow_start_is_retried_once_then_a_harness_error(monkeypatch):
+    """A child that cannot even set up within the time limit (a busy machine) says nothing about the program."""
+    _break_child(monkeypatch, "    isolation = []\n", "    isolation = []\n    __import__('time').sleep(2)\n")
+    calls = []
+    real_run = sandbox._run
+    monkeypatch.setattr(sandbox, "_run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    v = run_program(ADD, ["assert add(1, 2) == 3"], timeout=0.5, memory_mb=256)
+    assert v.status == "harness" and v.reason.startswith(sandbox._SLOW_START) and "fix:" in v.reason, v
+    assert len(calls) == 2

@@ -1,6 +1,7 @@
 """Tasks behind one interface (base.Task): the embedded `arith` task and GSM8K, MATH, CommonsenseQA, MBPP.
 
     get_task(name) -> Task      name in TASKS; an unknown name raises ValueError listing the valid ones
+    HarnessError                raised by a code task's verifier when its sandbox could not judge a program
 """
 
 from __future__ import annotations

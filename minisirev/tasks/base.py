@@ -6,9 +6,14 @@ A task turns upstream records (each in its dataset's own field layout) into what
     prompt(ex) -> str                     the zero-shot, completion-style prompt
     reference(ex) -> str                  the gold completion that SFT trains on (the loop appends EOS)
     extract(text) -> str | None           the final answer read from a completion (None: no answer found)
-    is_correct(ex, text) -> bool          the binary verifier R(x, y) of PAPER.md
+    is_correct(ex, text) -> bool          the binary verifier R(x, y): 1 when the completion's answer is right
     is_correct_batch(exs, texts)          a list of verdicts; tasks that execute code run it in parallel
     level(ex) -> int | None               the difficulty level used for the OOD groups (None: no level)
+    harness_stats(reset=False) -> dict    {"programs": n, "harness_errors": m} for tasks that run code
+
+A task that runs model-written code (MBPP) raises `HarnessError` from is_correct / is_correct_batch when its
+harness could not judge a program (the sandbox is broken here): such a program is neither right nor wrong, so it
+must never be counted, trained on or logged as a wrong answer. Tasks that run no code never raise it.
 
 `load` accepts a path to a .jsonl file, a directory holding `<split>.jsonl` files together with a split name
 written as `DIR:SPLIT`, or a bare split name, resolved to `data/<task.name>/<split>.jsonl` under the repository
@@ -23,6 +28,15 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO_ROOT / "data"
+
+
+class HarnessError(RuntimeError):
+    """The verifier's harness could not judge one or more programs. str(e) is one line naming the cause and the
+    fix; `count` is how many programs of the batch were not judged, `cause` the harness's own reason."""
+
+    def __init__(self, message: str, *, count: int = 1, cause: str = ""):
+        super().__init__(message.replace("\n", " "))
+        self.count, self.cause = count, cause or message
 
 
 class DataError(ValueError):
@@ -115,6 +129,19 @@ class Task:
 
     def level(self, ex: dict) -> int | None:
         return None
+
+    def harness_stats(self, reset: bool = False) -> dict[str, int]:
+        """{"programs": n, "harness_errors": m}: how many programs this task object ran in its harness since the
+        last reset, and how many of them the harness could not judge (both 0 for tasks that run no code)."""
+        stats = dict(getattr(self, "_harness", None) or {"programs": 0, "harness_errors": 0})
+        if reset:
+            self._harness = {"programs": 0, "harness_errors": 0}
+        return stats
+
+    def _count_harness(self, programs: int, harness_errors: int) -> None:
+        stats = self.harness_stats()
+        self._harness = {"programs": stats["programs"] + programs,
+                         "harness_errors": stats["harness_errors"] + harness_errors}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

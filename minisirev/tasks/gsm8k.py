@@ -15,7 +15,8 @@ sign, trailing units or words ("5 apples", "12 dollars."), a trailing period and
 number, "-5" reads -5). Fractions "a/b" are read as exact rationals. Comparison is exact rational equality, so
 "8", "8.0", "8.00" and "$8" all equal 8, and "0.5" equals "1/2".
 
-The OOD split of a GSM8K run is the MATH test set (PAPER.md): `splits["ood"]` names a split of `ood_task`.
+The OOD split of a GSM8K run is the MATH test set (as in the paper; docs/method.md): `splits["ood"]` names a
+split of `ood_task`.
 """
 
 from __future__ import annotations

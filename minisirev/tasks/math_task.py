@@ -5,11 +5,11 @@ Records keep the upstream layout: `{"problem": str, "solution": str, "level": "L
 
     prompt(ex)    = "Problem: {problem}\\nSolution:\\n"
     reference(ex) = ex["solution"]    (the worked solution, answer in \\boxed{...})
-    level(ex)     = 3 for "Level 3"; None for "Level ?" (a few upstream records)
+    level(ex)     = 3 for "Level 3"; None for "Level ?" (a few records of the train split) or a missing level
 
 Answer extraction (`extract_math_answer`): the content of the last \\boxed{...} or \\fbox{...} (nested braces
 matched; also "\\boxed 5"; a box with unbalanced braces gives no answer at all); else, for models trained on
-GSM8K-style solutions (the OOD evaluation of PAPER.md), the text after the last "####" up to the end of its line;
+GSM8K-style solutions (the OOD evaluation of a GSM8K run), the text after the last "####" up to the end of its line;
 else the last "answer is X"; else the last number.
 
 Normalisation (`normalize_math`, after Hendrycks's `strip_string`, extended):
@@ -176,5 +176,9 @@ class MATH(Task):
         return math_equal(self.extract(text), last_boxed(ex["solution"]))
 
     def level(self, ex: dict) -> int | None:
-        m = re.fullmatch(r"\s*Level\s+(\d)\s*", ex.get("level", ""))
+        """3 for "Level 3" (or the int 3); None for anything else: "Level ?", a missing or null field."""
+        lv = ex.get("level")
+        if isinstance(lv, int) and not isinstance(lv, bool):
+            return lv
+        m = re.fullmatch(r"\s*Level\s+(\d+)\s*", lv) if isinstance(lv, str) else None
         return int(m.group(1)) if m else None

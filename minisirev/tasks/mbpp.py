@@ -13,13 +13,20 @@ Code extraction (`extract_code`): the first fenced block (```python ... ``` or `
 one, an unterminated fence running to the end of the text included; else the whole text. A trailing
 "[DONE]"/"[END]" marker is removed. A verdict is a pass only when the sandbox proves every assert ran
 (sandbox.py); `is_correct_batch` runs the programs in parallel.
+
+Harness errors: before the first program, the sandbox's self-test runs a known-good and a known-bad program
+(once per process). If it fails, or if the sandbox could not run some program of a batch (Verdict status
+"harness"), is_correct / is_correct_batch raise HarnessError instead of answering False: a program the harness
+could not run is not a wrong program. `harness_stats()` counts programs and harness errors; `verdicts()` is the
+raw view (Verdict objects, harness ones included, no self-test, never raises).
 """
 
 from __future__ import annotations
 
 import re
 
-from minisirev.tasks.base import DataError, Task
+from minisirev.tasks import sandbox
+from minisirev.tasks.base import DataError, HarnessError, Task
 from minisirev.tasks.sandbox import Verdict, run_many, run_program
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -65,7 +72,7 @@ class MBPP(Task):
         return run_program(code, ex["test_list"], setup=ex.get("test_setup_code") or "", **self.limits)
 
     def is_correct(self, ex: dict, text: str) -> bool:
-        return self.verdict(ex, text).passed
+        return self.is_correct_batch([ex], [text])[0]
 
     def verdicts(self, exs: list[dict], texts: list[str], workers: int | None = None) -> list[Verdict]:
         if len(exs) != len(texts):
@@ -80,4 +87,18 @@ class MBPP(Task):
         return out
 
     def is_correct_batch(self, exs: list[dict], texts: list[str]) -> list[bool]:
-        return [v.passed for v in self.verdicts(exs, texts)]
+        """One bool per completion; raises HarnessError when the sandbox fails its self-test or cannot run a
+        program (see the module docstring)."""
+        if len(exs) != len(texts):
+            raise ValueError(f"{len(exs)} records but {len(texts)} completions")
+        problem = sandbox.self_test(**self.limits)
+        if problem is not None:
+            self._count_harness(len(texts), len(texts))
+            raise HarnessError(problem, count=len(texts), cause=problem)
+        verdicts = self.verdicts(exs, texts)
+        broken = [v for v in verdicts if v.harness_error]
+        self._count_harness(len(verdicts), len(broken))
+        if broken:
+            raise HarnessError(f"the sandbox could not run {len(broken)} of {len(verdicts)} programs; first: "
+                               f"{broken[0].reason}", count=len(broken), cause=broken[0].reason)
+        return [v.passed for v in verdicts]

@@ -2,8 +2,14 @@
 
     run_program(code, tests=(), *, setup="", timeout=5.0, memory_mb=512, ...) -> Verdict
     run_many(programs, *, workers=None, **limits) -> list[Verdict]     (programs: (code, tests, setup) triples)
-    Verdict(status: "pass" | "fail" | "timeout" | "error", reason: str, stdout: str, stderr: str, seconds: float)
+    Verdict(status: "pass" | "fail" | "timeout" | "error" | "harness", reason, stdout, stderr, seconds)
+    self_test(**limits) -> str | None                                 (None, or what is broken and how to fix it)
     isolation() -> dict                                               (what this machine actually provides)
+
+"fail", "timeout" and "error" are the program's doing. "harness" means the sandbox could not run the program
+at all (it could not set itself up, the child died before the program started, no slot was free): nothing is
+known about the program, and a caller must not count it as wrong. `self_test` runs a known-good and a known-bad
+program once per process and says whether the verdicts can be trusted here.
 
 `tests` are Python statements (MBPP's asserts) run after `code` and `setup` in the same namespace; with no tests,
 a pass means the code ran to its end. Model-written code is hostile input, so each program runs:
@@ -11,9 +17,15 @@ a pass means the code ran to its end. Model-written code is hostile input, so ea
     with a scrubbed environment (PATH, HOME, TMPDIR, LANG only), in its own session and process group;
   - when the caller is root (as in this project's containers), under its own numeric uid/gid (one per parallel
     slot, no supplementary groups, PR_SET_NO_NEW_PRIVS), in new network, mount and pid namespaces: no network
-    interface but a downed loopback, a private tmpfs for /tmp (its work dir /tmp/work vanishes with the
-    namespace), / remounted read-only, and a pid-1 reaper whose exit makes the kernel kill every process the
-    program left behind; RLIMIT_NPROC then counts only that slot's processes, which stops a fork bomb;
+    interface but a downed loopback, a private tmpfs for /tmp, /var/tmp and /dev/shm (its work dir /tmp/work
+    vanishes with the namespace), / remounted read-only, and a pid-1 reaper whose exit makes the kernel kill
+    every process the program left behind; RLIMIT_NPROC then counts only that slot's processes, which stops a
+    fork bomb. What the program sees of the file system: / read-only, except that /tmp, /var/tmp and /dev/shm
+    are fresh empty tmpfs (nothing other programs or users left there shows) and that directories the slot uid
+    cannot traverse (a 0700 /root) are covered by an empty tmpfs. The interpreter's own files (sys.prefix,
+    sys.base_prefix and every import-path directory: standard library, site-packages, .pth additions) stay
+    visible, read-only, at their own paths wherever they live, since the program runs on that interpreter and
+    may import from its site-packages; so a virtual environment in /tmp works, and nothing beside it shows;
   - otherwise in an unprivileged user + network namespace when the kernel allows it, else without namespaces,
     in a temporary directory the parent removes afterwards;
   - under rlimits on CPU time, address space, file size (which also caps stdout/stderr, written to unlinked
@@ -29,7 +41,9 @@ env). The child keeps it only inside the audit hook's closure and writes "NONCE 
 when every test's own code object has run to its last line. An early sys.exit(0) / os._exit(0), an exception
 swallowed by atexit, a patched assert helper or a forged "PASS" print are therefore never a pass. Known limit:
 a solution that returns objects whose __eq__ always answers True passes `assert f(x) == y` (that is reward
-hacking of the tests, not a sandbox escape). Nothing here raises: every problem becomes a Verdict.
+hacking of the tests, not a sandbox escape). The child reports its set-up ("NONCE READY" or "NONCE HARNESS
+reason") on another unlinked file whose fd it closes before the program starts, so a program can neither fake a
+harness error (which stops a run) nor hide one. Nothing here raises: every problem becomes a Verdict.
 """
 
 from __future__ import annotations
@@ -54,6 +68,7 @@ from pathlib import Path
 _CHILD_SOURCE = (Path(__file__).with_name("sandbox_child.py")).read_text()
 _IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 _MAX_SLOTS = 64  # concurrent programs per caller process; each slot has its own uid
+_SLOW_START = "sandbox: the child did not finish setting up within"
 
 
 def _claim_uid_block() -> int:
@@ -91,7 +106,7 @@ for _i in range(_MAX_SLOTS):
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str  # "pass" | "fail" | "timeout" | "error"
+    status: str  # "pass" | "fail" | "timeout" | "error" | "harness"
     reason: str
     stdout: str = ""
     stderr: str = ""
@@ -100,6 +115,11 @@ class Verdict:
     @property
     def passed(self) -> bool:
         return self.status == "pass"
+
+    @property
+    def harness_error(self) -> bool:
+        """True when the sandbox could not run the program at all (nothing is known about the program)."""
+        return self.status == "harness"
 
 
 def _read_head(f, limit: int) -> str:
@@ -132,6 +152,13 @@ def _kill_uid(uid: int) -> None:
         time.sleep(0.01)
 
 
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
 def _signal_reason(sig: int, cpu_s: int, fsize_mb: int, memory_mb: int) -> tuple[str, str]:
     if sig == signal.SIGXCPU or sig == signal.SIGKILL:
         return "timeout", f"killed by {signal.Signals(sig).name} (CPU time limit {cpu_s}s or the kill at timeout)"
@@ -139,11 +166,7 @@ def _signal_reason(sig: int, cpu_s: int, fsize_mb: int, memory_mb: int) -> tuple
         return "error", f"killed by SIGXFSZ (file or output size limit {fsize_mb} MB)"
     if sig == signal.SIGSEGV:
         return "error", f"killed by SIGSEGV (often the address-space limit {memory_mb} MB)"
-    try:
-        name = signal.Signals(sig).name
-    except ValueError:
-        name = f"signal {sig}"
-    return "error", f"killed by {name}"
+    return "error", f"killed by {_signal_name(sig)}"
 
 
 def run_program(code: str, tests: list[str] | tuple[str, ...] = (), *, setup: str = "", timeout: float = 5.0,
@@ -156,19 +179,25 @@ def run_program(code: str, tests: list[str] | tuple[str, ...] = (), *, setup: st
     output_bytes: how much of stdout/stderr the verdict keeps.
     """
     t0 = time.monotonic()
-    try:
-        uid = _slots.get(timeout=max(timeout, 1.0) * 10) if _IS_ROOT else None
-    except queue.Empty:
-        return Verdict("error", "sandbox: no free execution slot")
-    try:
-        return _run(code, list(tests), setup, uid, timeout=timeout, memory_mb=memory_mb,
-                    cpu_s=cpu_s or math.ceil(timeout) + 1, fsize_mb=fsize_mb, nofile=nofile, nproc=nproc,
-                    output_bytes=output_bytes, namespaces=namespaces, guard=guard, t0=t0)
-    except Exception as e:  # the caller never crashes on a program
-        return Verdict("error", f"sandbox failure: {type(e).__name__}: {e}", seconds=time.monotonic() - t0)
-    finally:
-        if uid is not None:
-            _slots.put(uid)
+    for _ in range(2):  # a start-up that overran the time limit (a busy machine) is retried once
+        try:
+            uid = _slots.get(timeout=max(timeout, 1.0) * 10) if _IS_ROOT else None
+        except queue.Empty:
+            return Verdict("harness", "sandbox: no free execution slot after waiting "
+                           f"{max(timeout, 1.0) * 10:g}s; fix: run fewer programs at once")
+        try:
+            v = _run(code, list(tests), setup, uid, timeout=timeout, memory_mb=memory_mb,
+                     cpu_s=cpu_s or math.ceil(timeout) + 1, fsize_mb=fsize_mb, nofile=nofile, nproc=nproc,
+                     output_bytes=output_bytes, namespaces=namespaces, guard=guard, t0=t0)
+        except Exception as e:  # the caller never crashes on a program
+            return Verdict("harness", f"sandbox: the parent side failed with {type(e).__name__}: {e}",
+                           seconds=time.monotonic() - t0)
+        finally:
+            if uid is not None:
+                _slots.put(uid)
+        if not (v.harness_error and v.reason.startswith(_SLOW_START)):
+            return v
+    return v
 
 
 def _run(code, tests, setup, uid, *, timeout, memory_mb, cpu_s, fsize_mb, nofile, nproc, output_bytes,
@@ -185,7 +214,7 @@ def _run(code, tests, setup, uid, *, timeout, memory_mb, cpu_s, fsize_mb, nofile
             os.chown(workdir, uid, uid)
         nonce = secrets.token_hex(16)
         files = {}
-        for name in ("stdin", "stdout", "stderr", "report"):
+        for name in ("stdin", "stdout", "stderr", "report", "ready"):
             path = os.path.join(private, name)
             files[name] = open(path, "w+b")
             os.unlink(path)  # reachable only through the fd from now on
@@ -193,15 +222,16 @@ def _run(code, tests, setup, uid, *, timeout, memory_mb, cpu_s, fsize_mb, nofile
         files["stdin"].write(nonce.encode() + b"\n" + payload.encode("utf-8", "surrogatepass"))
         files["stdin"].flush()
         files["stdin"].seek(0)
-        report_fd = files["report"].fileno()
+        report_fd, ready_fd = files["report"].fileno(), files["ready"].fileno()
         cfg = {"uid": uid, "gid": uid, "workdir": workdir, "parent_pid": os.getpid(), "report_fd": report_fd,
+               "ready_fd": ready_fd,
                "cpu_s": cpu_s, "memory_mb": memory_mb, "fsize_mb": fsize_mb, "nofile": nofile,
                "nproc": nproc if uid is not None else None, "namespaces": namespaces, "guard": guard,
                "tmpfs_mb": max(fsize_mb * 2, 16)}
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _CHILD_SOURCE, json.dumps(cfg)],
                                 stdin=files["stdin"], stdout=files["stdout"], stderr=files["stderr"],
-                                pass_fds=(report_fd,), env=env, cwd=private, start_new_session=True,
+                                pass_fds=(report_fd, ready_fd), env=env, cwd=private, start_new_session=True,
                                 close_fds=True)
         timed_out = False
         try:
@@ -216,10 +246,23 @@ def _run(code, tests, setup, uid, *, timeout, memory_mb, cpu_s, fsize_mb, nofile
         report = _read_head(files["report"], 1 << 16)
         tagged = [line[len(nonce) + 1:] for line in report.splitlines() if line.startswith(nonce + " ")]
         first = tagged[0] if tagged else None
+        ready = [line[len(nonce) + 1:] for line in _read_head(files["ready"], 1 << 14).splitlines()
+                 if line.startswith(nonce + " ")]
 
         def verdict(status, reason):
             return Verdict(status, reason, out, err, seconds)
 
+        if not ready or ready[0] != "READY":  # the program never started: the harness failed, not the program
+            if ready and ready[0].startswith("HARNESS "):
+                return verdict("harness", "sandbox: " + ready[0][len("HARNESS "):])
+            if timed_out:
+                return verdict("harness", f"{_SLOW_START} {timeout + 1:g}s; fix: run fewer programs at once or "
+                               "raise the timeout")
+            sig = -rc if rc < 0 else rc - 128 if rc > 128 else None
+            how = f"killed by {_signal_name(sig)}" if sig else f"exit code {rc}"
+            tail = err.strip().splitlines()[-1] if err.strip() else "no message"
+            return verdict("harness", f"sandbox: the child ended before running the program ({how}: {tail}); fix: "
+                           f"check that {sys.executable} -I -B starts and imports json, ctypes and resource")
         if timed_out:
             return verdict("timeout", f"exceeded the {timeout:g}s wall-clock limit")
         if first == "PASS":
@@ -290,3 +333,48 @@ def isolation() -> dict:
                 "net_interfaces": fields[3] if len(fields) > 3 else "",
             }
         return dict(_isolation_cache)
+
+
+# A known-good and a known-bad program, run once per process before the first real one (self_test).
+_SELF_TEST_CODE = ("import collections\nimport os\nimport sys\nfrom fractions import Fraction\n\n\n"
+                   "def mode(xs):\n    return collections.Counter(xs).most_common(1)[0][0]\n")
+_SELF_TEST_GOOD = ["assert mode([3, 1, 3, 2]) == 3", "assert Fraction(mode([1, 1, 2]), 2) == Fraction(1, 2)",
+                   "assert all(os.path.isdir(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.__file__)))"]
+_SELF_TEST_BAD = ["assert mode([3, 1, 3, 2]) == 3", "assert mode([1, 2, 2]) == 1"]
+_self_test_cache: dict[tuple, str | None] = {}
+_self_test_lock = threading.Lock()
+
+
+def self_test(**limits) -> str | None:
+    """Run a known-good and a known-bad program under `limits` (run_program's keyword arguments) and check that
+    the first passes and the second fails, once per process and set of limits (the result is cached).
+
+    Returns None when both verdicts are right, else one line naming the cause and the fix, e.g. "sandbox self-test
+    failed: the known-good program could not be run: the interpreter's directory ... is not readable by the
+    sandbox uid 40000; fix: chmod o+rx ...". A wrong verdict here means every verdict would be suspect, so the
+    caller must stop rather than count programs as wrong."""
+    key = (tuple(sorted(limits.items())), _IS_ROOT)
+    with _self_test_lock:
+        if key not in _self_test_cache:
+            good, bad = run_many([(_SELF_TEST_CODE, _SELF_TEST_GOOD), (_SELF_TEST_CODE, _SELF_TEST_BAD)],
+                                 workers=2, **limits)
+            _self_test_cache[key] = _self_test_problem(good, bad, limits.get("timeout", 5.0))
+        return _self_test_cache[key]
+
+
+def _self_test_problem(good: Verdict, bad: Verdict, timeout: float) -> str | None:
+    head = "sandbox self-test failed: "
+    for name, v in (("known-good", good), ("known-bad", bad)):
+        if v.harness_error:
+            return head + f"the {name} program could not be run: " + v.reason.removeprefix("sandbox: ")
+    if good.status == "timeout":
+        return head + (f"a known-good program took longer than the {timeout:g}s limit ({good.reason}); fix: run "
+                       "fewer programs at once (the machine is too busy) or raise the sandbox timeout")
+    if not good.passed:
+        return head + (f"a known-good program was judged '{good.status}' ({good.reason}); fix: the interpreter's "
+                       f"files ({sys.prefix}, its standard library and site-packages) must be visible and readable "
+                       "inside the sandbox: make them world-readable, or use an interpreter installed elsewhere")
+    if bad.status != "fail":
+        return head + (f"a known-bad program (a false assert) was judged '{bad.status}' ({bad.reason}); fix: none "
+                       "from here, the sandbox's verdicts cannot be trusted on this machine (report it as a bug)")
+    return None

@@ -1,15 +1,21 @@
 """The child side of sandbox.py. The parent runs this file's source as `python -I -B -c SOURCE CONFIG_JSON` with
-stdin an unlinked file holding one line with the nonce, then the JSON payload {"code", "setup", "tests"}.
+stdin an unlinked file holding one line with the nonce, then the JSON payload {"code", "setup", "tests"}, and two
+more unlinked files open as fds: `ready_fd` (set-up outcome) and `report_fd` (the program's outcome).
 
 Order of events in the child (running as root when the parent is root):
-  1. PR_SET_PDEATHSIG: die with the parent. unshare(NEWNS | NEWNET | NEWPID) when privileged, else
-     unshare(NEWUSER | NEWNET), else nothing; with a pid namespace the child forks a pid-1 reaper whose exit makes
-     the kernel kill every process left in the namespace.
-  2. With a mount namespace: tmpfs over /tmp, /var/tmp, /dev/shm (the private work dir is /tmp/work); when the
-     Python prefix sits under a directory others cannot traverse (/root here), that directory is covered by an
-     empty tmpfs and the prefix bound back at its own path, read-only; / remounted read-only.
+  0. PR_SET_PDEATHSIG: die with the parent. Read stdin (nonce and payload), replace it by /dev/null.
+  1. unshare(NEWNS | NEWNET | NEWPID) when privileged, else unshare(NEWUSER | NEWNET), else nothing; with a pid
+     namespace the child forks a pid-1 reaper whose exit makes the kernel kill every process left in it.
+  2. With a mount namespace: a fresh tmpfs over /tmp, /var/tmp, /dev/shm (the work dir is /tmp/work); the
+     interpreter's own files (prefixes and import path: standard library, site-packages) stay visible read-only
+     at their own paths even when they live under one of those dirs (a virtual environment in /tmp) or under a
+     directory the slot uid cannot traverse (/root here, covered by an empty tmpfs); / remounted read-only.
   3. rlimits (CPU, address space, file size, open files, processes, no core), PR_SET_NO_NEW_PRIVS, drop to the
-     slot uid/gid with no supplementary groups, chdir to the work dir, read stdin and replace it by /dev/null.
+     slot uid/gid with no supplementary groups, check that the interpreter's directories are readable by it,
+     chdir to the work dir.
+     Steps 1-3 are the harness: if any fails, "NONCE HARNESS reason" goes to ready_fd and no code runs. When they
+     succeed, "NONCE READY" goes there and ready_fd is closed, so the program can neither fake nor erase it, and
+     the parent can tell "the harness could not run the program" from "the program failed".
   4. Install the audit hook (guard). The nonce lives only in the hook's closure; the hook writes "NONCE PASS" to
      the report fd only when every test's own code object has reached its last line (each test is compiled with
      a trailing `sys.audit("minisirev.step", i)` and the hook checks the calling frame's code object by identity).
@@ -48,6 +54,7 @@ PATH_EVENTS = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.
 PRELOAD = ("math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string", "operator", "copy",
            "random", "statistics", "fractions", "decimal", "datetime", "typing", "array", "cmath", "json",
            "dataclasses", "encodings.idna", "textwrap", "unicodedata", "calendar", "numbers", "hashlib")
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # each gets a fresh tmpfs
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
@@ -75,7 +82,7 @@ def _fork_init(libc) -> None:
 
 
 def _closed_ancestor(path: str) -> str | None:
-    """The first directory on the way to `path` that others cannot traverse, or None."""
+    """The first directory on the way to `path` (itself included) that others cannot traverse, or None."""
     cur = ""
     for part in path.strip("/").split("/"):
         cur += "/" + part
@@ -84,38 +91,75 @@ def _closed_ancestor(path: str) -> str | None:
     return None
 
 
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _outermost(paths) -> list[str]:
+    """The paths that lie inside no other one of them (sorted, so a parent comes before its children)."""
+    out: list[str] = []
+    for p in sorted(set(paths)):
+        if not any(_within(p, q) for q in out):
+            out.append(p)
+    return out
+
+
+def _interpreter_paths() -> list[str]:
+    """What the interpreter itself reads: its prefixes and its import path (standard library, lib-dynload,
+    site-packages, directories added by .pth files), each as written and resolved, existing ones only."""
+    found = set()
+    for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path):
+        if isinstance(p, str) and p:
+            p = os.path.abspath(p)
+            found |= {q for q in (p, os.path.realpath(p)) if os.path.exists(q)}
+    return sorted(found)
+
+
+class HarnessFailure(Exception):
+    """The sandbox could not be set up; the message names the cause and the fix."""
+
+
 def _private_mounts(libc, cfg) -> str:
-    """Private /tmp (work dir /tmp/work), read-only view of the Python prefix, read-only /; returns the work dir."""
+    """Private tmpfs on /tmp, /var/tmp, /dev/shm; the interpreter's files visible read-only at their own paths;
+    / remounted read-only. Returns the work dir.
+
+    An interpreter path can be hidden in two ways: it lies under one of the private tmpfs dirs (a virtual
+    environment in /tmp), or under a directory the sandbox uid cannot traverse (/root is 0700), which is covered
+    by an empty tmpfs so that nothing else in it shows. Each such path is opened (O_PATH) before any cover goes
+    on; afterwards its own path is recreated inside the cover and the open directory is bind-mounted there
+    through /proc/self/fd, read-only, so exactly that directory, and nothing beside it, is visible again."""
     def mount(src, dst, fstype, flags, data):
         if libc.mount(src, dst, fstype, flags, data) != 0:
-            raise OSError(f"mount {dst!r} failed")
+            import ctypes
 
+            raise HarnessFailure(f"mount on {dst.decode()} failed ({os.strerror(ctypes.get_errno())}); fix: run "
+                                 "as root in a container that allows mount namespaces, or as a non-root user")
+
+    os.umask(0o022)
     mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+    private = [d for d in PRIVATE_DIRS if os.path.isdir(d)]
+    keep = _interpreter_paths()
+    for p in keep:
+        if p in private:
+            raise HarnessFailure(f"the interpreter's directory {p} would be replaced by the sandbox's private "
+                                 "tmpfs; fix: use an interpreter installed elsewhere")
+    closed = [c for c in (_closed_ancestor(p) for p in keep if not any(_within(p, d) for d in private))
+              if c is not None and c not in keep]  # a closed path itself stays closed: reported after the uid drop
+    covers = _outermost(private + closed)
+    rebind = _outermost(p for p in keep if any(_within(p, c) and p != c for c in covers))
+    fds = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in rebind}
     size = f"size={cfg['tmpfs_mb']}m,mode=1777".encode()
-    for d in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(d):
-            mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, size)
-    # The sandbox uid must read the interpreter's prefix, which may sit under a directory it cannot traverse
-    # (/root is 0700 here). Keep the prefix at its own path: bind it aside, cover the closed ancestor with an
-    # empty tmpfs (hiding the rest of it), recreate the path and bind the prefix back, read-only.
-    prefixes = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, sys.exec_prefix)})
-    aside, covered = [], []
-    for i, prefix in enumerate(prefixes):
-        closed = _closed_ancestor(prefix)
-        if closed is None:
-            continue
-        tmp = f"/tmp/.py{i}"
-        os.mkdir(tmp)
-        mount(prefix.encode(), tmp.encode(), None, MS_BIND | MS_REC, None)
-        aside.append((tmp, prefix))
-        if not any(closed == c or closed.startswith(c + "/") for c in covered):
-            covered.append(closed)
-    for closed in covered:
-        mount(b"tmpfs", closed.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755")
-    for tmp, prefix in aside:
-        os.makedirs(prefix, 0o755, exist_ok=True)
-        mount(tmp.encode(), prefix.encode(), None, MS_BIND | MS_REC, None)
-        mount(b"none", prefix.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+    for c in covers:
+        mount(b"tmpfs", c.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, size if c in private else b"size=1m,mode=0755")
+    for p, fd in fds.items():
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.makedirs(p, 0o755, exist_ok=True)
+        else:  # a zip archive on the import path
+            os.makedirs(os.path.dirname(p), 0o755, exist_ok=True)
+            os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+        mount(f"/proc/self/fd/{fd}".encode(), p.encode(), None, MS_BIND | MS_REC, None)
+        mount(b"none", p.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+        os.close(fd)
     os.mkdir("/tmp/work", 0o700)
     os.chown("/tmp/work", cfg["uid"], cfg["gid"])
     libc.mount(b"none", b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)  # best effort
@@ -206,17 +250,9 @@ def _make_guard(nonce: bytes, report_fd: int, codes: tuple, workdir: str, guard:
     return hook
 
 
-def main() -> None:
-    cfg = json.loads(sys.argv[1])
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    for fn in ("prctl", "unshare", "mount"):  # Linux only; elsewhere every such call reports failure
-        if not hasattr(libc, fn):
-            setattr(libc, fn, lambda *a: -1)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != cfg["parent_pid"]:
-        os._exit(70)  # the parent died before prctl took effect
+def _prepare(libc, cfg) -> str:
+    """Steps 1-3 of the module docstring; returns the work dir. Raises HarnessFailure (or any exception) when the
+    sandbox cannot be set up: no program has run yet, so that is the harness's fault, never the program's."""
     isolation = []
     privileged = os.geteuid() == 0 and cfg["uid"] is not None
     if cfg["namespaces"] and privileged:
@@ -251,14 +287,44 @@ def main() -> None:
             os.setgroups([])
             os.setgid(cfg["gid"])
             os.setuid(cfg["uid"])
-        except OSError as e:  # e.g. the uid is not mapped in this container: carry on with the guard only
+        except OSError as e:  # e.g. the uid is not mapped in this container
+            if "mount" in isolation:  # never run as root with the interpreter's files re-mounted
+                raise HarnessFailure(f"could not switch to uid {cfg['uid']} ({e.strerror}); fix: run in a "
+                                     "container whose user namespace maps that uid, or as a non-root user") from None
             os.write(2, f"sandbox: could not switch to uid {cfg['uid']} ({e}); running with the guard only\n".encode())
-        if os.getuid() == 0 and "mount" in isolation:
-            os._exit(71)  # root with the prefix re-mounted: refuse rather than run as root
+    if "mount" in isolation:  # the re-mounted interpreter must be usable by the slot uid
+        for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.__file__)):
+            try:
+                os.stat(p)
+            except FileNotFoundError:
+                raise HarnessFailure(f"the interpreter's directory {p} is not visible inside the sandbox (hidden by "
+                                     "its private mounts); fix: use an interpreter outside /tmp, /var/tmp and "
+                                     "/dev/shm until the sandbox's mounts are fixed") from None
+            except OSError:
+                pass  # not traversable: the access check below says so
+            if not os.access(p, os.R_OK | os.X_OK):
+                raise HarnessFailure(f"the interpreter's directory {p} is not readable by the sandbox uid "
+                                     f"{os.getuid()}; fix: chmod o+rx {p} and its parents (o+r on its files), or "
+                                     "use an interpreter installed with world-readable files")
+    if sys.flags.optimize:
+        raise HarnessFailure("the interpreter runs with -O, which strips assert statements; fix: start it without -O")
     os.chdir(workdir)
     os.environ.clear()
     os.environ.update({"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"})
+    return workdir
 
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for fn in ("prctl", "unshare", "mount"):  # Linux only; elsewhere every such call reports failure
+        if not hasattr(libc, fn):
+            setattr(libc, fn, lambda *a: -1)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != cfg["parent_pid"]:
+        os._exit(70)  # the parent died before prctl took effect
     data = b""
     while True:
         chunk = os.read(0, 1 << 16)
@@ -271,10 +337,16 @@ def main() -> None:
     nonce, payload = data.split(b"\n", 1)
     del data
     payload = json.loads(payload)
-    report_fd = cfg["report_fd"]
-    if sys.flags.optimize:
-        os.write(report_fd, nonce + b" ERROR sandbox: interpreter runs with -O (asserts stripped)\n")
-        os._exit(3)
+    report_fd, ready_fd = cfg["report_fd"], cfg["ready_fd"]
+    try:
+        workdir = _prepare(libc, cfg)
+    except BaseException as e:
+        text = str(e) if isinstance(e, HarnessFailure) else f"set-up failed with {type(e).__name__}: {e}"
+        os.write(ready_fd, nonce + b" HARNESS " + text.replace("\n", " | ").encode("utf-8", "replace") + b"\n")
+        os._exit(72)
+    # from here on, whatever goes wrong is the program's doing; the fd closes so that the program cannot touch it
+    os.write(ready_fd, nonce + b" READY\n")
+    os.close(ready_fd)
 
     tests = payload["tests"] or []
     step = "\n__import__('sys').audit('minisirev.step', {})\n"
