@@ -151,8 +151,11 @@ def generate_and_verify(model, tok, task, records: list[dict], out: Path, sampli
     os.replace(partial, out)
     if log is not None:
         correct = sum(sum(r["correct"]) for r in rows)
+        harness = task.harness_stats(reset=True) if hasattr(task, "harness_stats") else {}
         append_jsonl(log, {"stage": desc, "file": str(out), "questions": len(rows), "completions": len(rows) * s.n,
-                           "correct": correct, "harness_errors": 0, "seconds": round(time.perf_counter() - t0, 1)})
+                           "correct": correct, "programs_run": harness.get("programs", 0),
+                           "harness_errors": harness.get("harness_errors", 0),
+                           "seconds": round(time.perf_counter() - t0, 1)})
     return rows
 
 

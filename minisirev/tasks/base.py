@@ -145,11 +145,3 @@ class Task:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
-
-
-class HarnessError(RuntimeError):
-    """The verifier could not judge a completion (not: the completion was wrong)."""
-
-    def __init__(self, message: str, *, count: int = 1, cause: str = ""):
-        super().__init__(message)
-        self.count, self.cause = count, cause
