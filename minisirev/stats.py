@@ -48,7 +48,8 @@ def _check(n_boot: int, level: float) -> None:
         raise ValueError(f"level must be in (0, 1), got {level}")
 
 
-def _interval(reps: np.ndarray, level: float) -> list[float]:
+def percentile_interval(reps: np.ndarray, level: float = LEVEL) -> list[float]:
+    """[lo, hi]: the (1 - level)/2 and (1 + level)/2 quantiles of bootstrap replicates (numpy's linear rule)."""
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
     return [float(lo), float(hi)]
 
@@ -69,7 +70,7 @@ def bootstrap_ci(values: Sequence[float], *, stat: Callable[..., Any] = np.mean,
     if len(x) < MIN_QUESTIONS:
         return None
     reps = stat(x[_indices(len(x), n_boot, seed)], axis=1)  # [n_boot]
-    return _interval(reps, level)
+    return percentile_interval(reps, level)
 
 
 def bootstrap_p(reps: np.ndarray) -> float:
@@ -105,7 +106,7 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, stat: Callable[.
         return out
     idx = _indices(len(xa), n_boot, seed)
     reps = stat(xb[idx], axis=1) - stat(xa[idx], axis=1)  # [n_boot]
-    out.update(ci=_interval(reps, level), p=bootstrap_p(reps))
+    out.update(ci=percentile_interval(reps, level), p=bootstrap_p(reps))
     return out
 
 
