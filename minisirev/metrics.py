@@ -628,7 +628,7 @@ def compare_models(a: dict, b: dict, *, n_boot: int = stats.N_BOOT, seed: int = 
     ga, gb = np.asarray(a["greedy"], dtype=np.float64), np.asarray(b["greedy"], dtype=np.float64)
     p1 = stats.paired_bootstrap(ga, gb, **kw)
     mc = stats.mcnemar(a["greedy"], b["greedy"])
-    p1.update(p_bootstrap=p1["p"], p=mc["p"], test=f"McNemar ({mc['test']})", mcnemar=mc)
+    p1.update(p_bootstrap=p1["p"], p=mc["p"], test=f"McNemar, {mc['test']}", mcnemar=mc)
     ca, cb = _counts(a), _counts(b)
     ks = [k for k in pass_at_k_curve(ca) if k in pass_at_k_curve(cb)] if ca and cb else []
     out: dict[str, Any] = {"n_questions": len(ga), "level": level, "n_boot": n_boot, "seed": seed, "alpha": alpha,
