@@ -5,7 +5,7 @@
                "comparisons": [{"iter", "vs_m0", "vs_m1", "vs_prev"}]     (metrics.iteration_comparisons)
                "transitions": [{"iter", "vs_m1", "vs_prev"}]              (metrics.iteration_transitions)
                "provenance": [record per model]                           (provenance.iteration_provenance)
-               "second_verifier": [{"iter", ...}]                          (second_verifier.compare_verifiers)}
+               "second_verifier": [{"iter", **compare_verifiers(test split), "ood": compare_verifiers(OOD split)}]}
 
 Every key but "iterations" may be missing; a metrics dict may carry "ci" (metrics.iteration_intervals, the same
 layout as the metrics). Accuracies are fractions in the JSON and percent in the report, each headline number with
@@ -387,13 +387,23 @@ def second_verifier_section(summary: dict) -> list[str]:
     missing = [e for e in entries if not e.get("installed")]
     if missing:
         return [f"math-verify is not installed, so no second opinion was taken ({missing[0].get('reason', '')})."]
+    ood = any(isinstance(e.get("ood"), dict) for e in entries)
+    header = ["t", "completions", "disagreements", "rate (%)", "only ours says correct",
+              "only math-verify says correct"] + (["OOD rate (%)"] if ood else [])
+
+    def ood_cell(e: dict) -> list[str]:
+        if not ood:
+            return []
+        rate = _get(e, "ood", "rate")
+        return ["n/a" if _missing(rate) else f"{fmt_pct(rate)} (of {_int(_get(e, 'ood', 'n'))})"]
+
+    rows = [[_t(e), _int(e.get("n")), _int(e.get("disagree")), fmt_pct(e.get("rate")), _int(e.get("ours_only")),
+             _int(e.get("theirs_only"))] + ood_cell(e) for e in entries]
     out = [f"math-verify {entries[0].get('version') or ''} re-scored the same completions; a disagreement means one "
            "of the two verifiers misreads an answer, and every accuracy above rests on ours.", "",
-           _table(["t", "completions", "disagreements", "rate (%)", "only ours says correct",
-                   "only math-verify says correct"],
-                  [[_t(e), _int(e.get("n")), _int(e.get("disagree")), fmt_pct(e.get("rate")),
-                    _int(e.get("ours_only")), _int(e.get("theirs_only"))] for e in entries])]
-    examples = [(e["iter"], x) for e in entries for x in e.get("examples") or []][:6]
+           _table(header, rows)]
+    examples = [(e["iter"], x) for e in entries
+                for x in (e.get("examples") or []) + (_get(e, "ood", "examples") or [])][:6]
     if examples:
         out += ["", "Examples:"]
         for t, x in examples:

@@ -231,13 +231,17 @@ def test_second_verifier_section():
          "examples": [{"index": 4, "id": "arith-test-00004", "gold": "5", "ours": False, "ours_answer": "4",
                        "theirs": True, "theirs_answer": "5", "text": "#### 4\nso the total | is 5"}]},
         {"iter": 2, "installed": True, "version": "0.9.0", "task": "arith", "rate": 0.0, "n": 300, "disagree": 0,
-         "ours_only": 0, "theirs_only": 0, "examples": []}]
+         "ours_only": 0, "theirs_only": 0, "examples": [],
+         "ood": {"rate": 0.1, "n": 500, "examples": [{"id": "ood-7", "gold": "9", "ours": True, "ours_answer": "9",
+                                                     "theirs": False, "theirs_answer": "8", "text": "#### 9"}]}}]
     lines = second_verifier_section(s)
     md = "\n".join(lines)
     (rows,) = tables(md)
     assert rows[0] == {"t": "1", "completions": "300", "disagreements": "6", "rate (%)": "2.0",
-                       "only ours says correct": "1", "only math-verify says correct": "5"}
-    assert rows[1]["rate (%)"] == "0.0"
+                       "only ours says correct": "1", "only math-verify says correct": "5",
+                       "OOD rate (%)": "n/a"}
+    assert rows[1]["rate (%)"] == "0.0" and rows[1]["OOD rate (%)"] == "10.0 (of 500)"
+    assert "t=2, ood-7: gold 9; ours read 9 (right), math-verify read 8 (wrong)" in md
     assert "arith-test-00004: gold 5; ours read 4 (wrong), math-verify read 5 (right)" in md
     s["second_verifier"] = [{"iter": 1, "installed": False, "task": "arith", "reason": "math-verify is not installed"}]
     assert "math-verify is not installed" in second_verifier_section(s)[0]
