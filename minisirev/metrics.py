@@ -428,9 +428,10 @@ def per_question(*, greedy_correct: Sequence[bool], sample_texts: Sequence[Seque
         raise ValueError("per_question: a question has a different number of sample texts and verdicts")
     if ids is not None and len(ids) != n:
         raise ValueError(f"per_question: {len(ids)} ids for {n} test questions")
-    if (ood_levels is None) != (ood_correct is None) or (ood_levels is not None
-                                                         and len(ood_levels) != len(ood_correct)):
-        raise ValueError("per_question: ood_levels and ood_correct must both be given, with one entry per question")
+    if (ood_levels is None) != (ood_correct is None):
+        raise ValueError("per_question: give both ood_levels and ood_correct, or neither")
+    if ood_levels is not None and len(ood_levels) != len(ood_correct):
+        raise ValueError(f"per_question: {len(ood_levels)} OOD levels for {len(ood_correct)} OOD verdicts")
     groups = {"correct": [[t for t, ok in zip(ts, vs) if ok] for ts, vs in zip(sample_texts, sample_verdicts)],
               "incorrect": [[t for t, ok in zip(ts, vs) if not ok] for ts, vs in zip(sample_texts, sample_verdicts)]}
     return {"ids": list(ids) if ids is not None else list(range(n)),
