@@ -671,7 +671,7 @@ def render_report(run_dir: Path, summary: dict) -> str:
             improvement_set_table(summary), "",
             "## Questions gained and lost (greedy, test split)", "",
             "Gained against M1 is IS(t); the questions lost are the regression the improvement set does not show. "
-            "The question ids are in summary.json under \"transitions\".", "",
+            "The question ids are in summary.json under \"transitions\" and in each iter_t/transitions.json.", "",
             transitions_table(summary), "",
             "## Diversity (per question, averaged; correct and incorrect samples separately)", "",
             diversity_table(summary), ""]

@@ -31,7 +31,7 @@ import numpy as np
 
 ALPHA = 0.05  # significance level of every test in the report (two-sided)
 LEVEL = 0.95  # interval level
-N_BOOT = 5000  # resamples; 5000 x 300 questions take a few milliseconds
+N_BOOT = 5000  # resamples; 5000 x 300 questions take about 20 ms
 EXACT_BELOW = 25  # McNemar: exact binomial below this many discordant questions, chi-square from there on
 MIN_QUESTIONS = 10  # fewer questions: no bootstrap interval or test (None)
 
@@ -77,8 +77,8 @@ def bootstrap_p(reps: np.ndarray) -> float:
     """Two-sided p of "the difference is zero" from bootstrap replicates of the difference.
 
     p = min(1, 2 * (1 + k) / (n_boot + 1)) with k the number of replicates on the far side of zero (<= 0 or >= 0,
-    whichever is fewer), so p < alpha exactly when 0 lies outside the percentile interval at level 1 - alpha (up to
-    the +1, which keeps p above zero with finitely many replicates).
+    whichever is fewer), so p < alpha when 0 lies outside the percentile interval at level 1 - alpha (up to the +1,
+    which keeps p above zero with finitely many replicates, and the interpolation between replicates).
     """
     k = min(int(np.sum(reps <= 0)), int(np.sum(reps >= 0)))
     return float(min(1.0, 2 * (1 + k) / (len(reps) + 1)))
