@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from minisirev import metrics
+from minisirev import metrics, stats
 from minisirev.metrics import (
     coverage,
     default_ks,
@@ -214,3 +214,144 @@ def test_iteration_metrics_keys():
     assert got["diversity"]["correct"]["questions"] == 1 and got["diversity"]["incorrect"]["questions"] == 1
     assert got["ood"]["disparity"] == pytest.approx(100.0)
     json.dumps(got, allow_nan=False)  # plain JSON: no numpy scalars, no NaN
+
+
+def test_ood_metrics_with_unknown_levels():
+    # MATH has a few "Level ?" records (level None): in "whole" and "no_level", in no per-level accuracy.
+    got = ood_metrics([1, None, 1, 5, None, 5], [True, True, False, True, False, False])
+    assert got["levels"] == {"1": 0.5, "5": 0.5}
+    assert got["whole"] == pytest.approx(0.5) and got["no_level"] == 2
+    assert got["disparity"] == pytest.approx(0.0)
+    assert ood_metrics([None, None], [True, False]) == {"levels": {}, "whole": 0.5, "disparity": None, "no_level": 2}
+
+
+# ------------------------------------------------------------------ per-question data, intervals, tests
+
+
+class CountingEncoder(BagOfLetters):
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, texts):
+        self.calls.append(list(texts))
+        return super().encode(texts)
+
+
+def test_diversity_per_question_one_call_for_all_groups():
+    enc = CountingEncoder()
+    groups = {"correct": [["a", "ab"], ["a"], ["b", "c", "b"]], "incorrect": [["ab", "a"], [], ["c", "c"]]}
+    got = metrics.diversity_per_question(groups, enc)
+    assert len(enc.calls) == 1 and sorted(enc.calls[0]) == ["a", "ab", "b", "c"]  # each distinct text once
+    assert got["correct"]["semantic"] == [pytest.approx(1 - 1 / math.sqrt(2)), None,
+                                          pytest.approx(semantic_diversity(["b", "c", "b"], BagOfLetters()))]
+    assert got["incorrect"]["semantic"][2] == pytest.approx(0.0) and got["incorrect"]["semantic"][1] is None
+    assert got["correct"]["distinct_n"] == [distinct_n_avg(["a", "ab"]), None, distinct_n_avg(["b", "c", "b"])]
+    capped = metrics.diversity_per_question(groups, BagOfLetters(), semantic_questions=1)
+    assert capped["correct"]["semantic"][1:] == [None, None] and capped["correct"]["distinct_n"][2] is not None
+    assert metrics.summarise_diversity(capped["correct"])["semantic_questions"] == 1
+
+
+def _fake_eval(seed: int, n_q: int = 40, n: int = 6, p: float = 0.5, n_ood: int = 60):
+    rng = np.random.default_rng(seed)
+    verdicts = (rng.random((n_q, n)) < p).tolist()
+    texts = [[f"<<{i}+{j % 3}={i + j % 3}>> " + " ".join("abc"[(i + j + k) % 3] for k in range(j % 4 + 1))
+              for j in range(n)] for i in range(n_q)]
+    levels = [1 + i % 3 if i % 10 else None for i in range(n_ood)]
+    return {"greedy_correct": (rng.random(n_q) < p).tolist(), "sample_texts": texts, "sample_verdicts": verdicts,
+            "ood_levels": levels, "ood_correct": (rng.random(n_ood) < p).tolist()}
+
+
+def test_per_question_then_metrics_equals_iteration_metrics():
+    ev, m1_ev = _fake_eval(0), _fake_eval(1)
+    m1 = metrics.per_question(**m1_ev, encoder=BagOfLetters())
+    pq = metrics.per_question(**ev, encoder=BagOfLetters(), ids=[f"q{i}" for i in range(40)])
+    assert pq["ids"][:2] == ["q0", "q1"] and len(pq["counts"]) == 40
+    json.dumps(pq, allow_nan=False)
+    got = metrics.metrics_from_questions(pq, iter=3, step_method="sft", m1=m1)
+    want = iteration_metrics(iter=3, step_method="sft", encoder=BagOfLetters(), m1_greedy_correct=m1["greedy"],
+                             m1_counts=[tuple(c) for c in m1["counts"]], **ev)
+    assert got == want
+    base = metrics.metrics_from_questions(pq, iter=0, step_method="base")
+    assert base["improvement_set"] == {"size": None, "m1_pass@k": {}}  # n/a for M0
+    with pytest.raises(ValueError):
+        metrics.per_question(**{**ev, "sample_texts": ev["sample_texts"][:-1]})
+
+
+def test_iteration_intervals_layout_and_values():
+    ev, m1_ev = _fake_eval(2), _fake_eval(3)
+    pq, m1 = metrics.per_question(**ev, encoder=BagOfLetters()), metrics.per_question(**m1_ev, encoder=BagOfLetters())
+    ci = metrics.iteration_intervals(pq, m1=m1, n_boot=500, seed=4)
+    m = metrics.metrics_from_questions(pq, iter=2, step_method="dpo", m1=m1)
+    kw = {"n_boot": 500, "seed": 4}
+    assert ci["pass@1"] == stats.bootstrap_ci(np.array(pq["greedy"], dtype=float), **kw)
+    assert set(ci["pass@k"]) == set(m["pass@k"])
+    for k, (lo, hi) in ci["pass@k"].items():
+        assert [lo, hi] == stats.bootstrap_ci(metrics.pass_at_k_values([tuple(c) for c in pq["counts"]], int(k)), **kw)
+        assert lo <= m["pass@k"][k] <= hi
+    assert set(ci["improvement_set"]["m1_pass@k"]) == set(m["improvement_set"]["m1_pass@k"])
+    for g in ("correct", "incorrect"):
+        for key in ("distinct_n", "semantic", "equations"):
+            lo, hi = ci["diversity"][g][key]
+            assert lo <= m["diversity"][g][key] <= hi
+    assert set(ci["ood"]["levels"]) == set(m["ood"]["levels"]) == {"1", "2", "3"}  # None levels left out
+    ok = np.array(ev["ood_correct"], dtype=float)
+    lv1 = [i for i, lv in enumerate(ev["ood_levels"]) if lv == 1]
+    assert ci["ood"]["levels"]["1"] == stats.bootstrap_ci(ok[lv1], **kw)
+    assert ci["ood"]["whole"] == stats.bootstrap_ci(ok, **kw)  # over every OOD question, unknown levels included
+    lo, hi = ci["ood"]["disparity"]
+    assert lo <= m["ood"]["disparity"] <= hi
+    json.dumps(ci, allow_nan=False)
+    # all-correct greedy answers: a zero-width interval at 1
+    pq_all = {**pq, "greedy": [True] * 40}
+    assert metrics.iteration_intervals(pq_all, n_boot=200)["pass@1"] == [1.0, 1.0]
+
+
+def test_compare_models():
+    a = metrics.per_question(**_fake_eval(5), encoder=BagOfLetters())
+    b = metrics.per_question(**_fake_eval(6), encoder=BagOfLetters())
+    c = metrics.compare_models(a, b, n_boot=500)
+    mc = stats.mcnemar(a["greedy"], b["greedy"])
+    assert c["pass@1"]["p"] == mc["p"] and c["pass@1"]["mcnemar"] == mc
+    assert c["pass@1"]["diff"] == pytest.approx(np.mean(b["greedy"]) - np.mean(a["greedy"]))
+    assert c["pass@1"]["verdict"] == stats.verdict({"p": mc["p"]})
+    k = max(c["pass@k"], key=int)
+    ca, cb = [tuple(x) for x in a["counts"]], [tuple(x) for x in b["counts"]]
+    want = stats.paired_bootstrap(metrics.pass_at_k_values(ca, int(k)), metrics.pass_at_k_values(cb, int(k)),
+                                  n_boot=500)
+    assert {key: c["pass@k"][k][key] for key in want} == want
+    assert set(c["ood"]["levels"]) == {"1", "2", "3"} and c["ood"]["whole"]["n"] == 60
+    json.dumps(c, allow_nan=False)
+    same = metrics.compare_models(a, a, n_boot=200)
+    leaves = [same["pass@1"], *same["pass@k"].values(), same["ood"]["whole"], *same["ood"]["levels"].values(),
+              same["ood"]["disparity"]] + [v for g in same["diversity"].values() for v in g.values()]
+    assert all(leaf["diff"] == 0 and leaf["p"] == 1.0 and leaf["verdict"] == "within noise" for leaf in leaves)
+    with pytest.raises(ValueError):
+        metrics.compare_models(a, {**b, "ids": list(range(1, 41))})
+
+
+def test_compare_diversity_pairs_common_questions():
+    def pq(values):
+        return {"ids": list(range(len(values))), "greedy": [True] * len(values), "counts": [[2, 1]] * len(values),
+                "diversity": {"correct": {"distinct_n": values, "semantic": [None] * len(values),
+                                          "equations": values}}, "ood_levels": None, "ood_correct": None}
+
+    va = [0.5] * 12 + [None, 0.9]
+    vb = [0.4] * 12 + [0.1, None]
+    got = metrics.compare_models(pq(va), pq(vb), n_boot=300)["diversity"]["correct"]
+    assert got["distinct_n"]["n"] == 12 and got["distinct_n"]["diff"] == pytest.approx(-0.1)
+    assert got["distinct_n"]["ci"] == pytest.approx([-0.1, -0.1]) and got["distinct_n"]["verdict"] == "shown"
+    assert got["semantic"]["n"] == 0 and got["semantic"]["verdict"] == "cannot tell"
+
+
+def test_iteration_transitions_hand_built():
+    def pq(greedy):
+        return {"ids": ["a", "b", "c", "d"], "greedy": greedy}
+
+    m1, prev, now = pq([True, False, False, True]), pq([True, True, False, False]), pq([False, True, True, False])
+    got = metrics.iteration_transitions(3, now, m1=m1, prev=prev)
+    assert got == {"iter": 3, "vs_m1": {"gained": ["b", "c"], "lost": ["a", "d"]},
+                   "vs_prev": {"gained": ["c"], "lost": ["a"]}}
+    assert metrics.iteration_transitions(0, now) == {"iter": 0, "vs_m1": None, "vs_prev": None}
+    comps = metrics.iteration_comparisons(1, metrics.per_question(**_fake_eval(7), encoder=BagOfLetters()),
+                                          m0=metrics.per_question(**_fake_eval(8), encoder=BagOfLetters()), n_boot=100)
+    assert comps["vs_m1"] is None and comps["vs_prev"] is None and comps["vs_m0"]["n_questions"] == 40
