@@ -90,7 +90,7 @@ from minisirev import training as tr  # noqa: E402
 from minisirev.checkpoint import CheckpointError, ConfigError, load_model, save_model  # noqa: E402
 from minisirev.report import format_table  # noqa: E402
 from minisirev.run import Run, load_inputs, read_rows, write_json, write_jsonl  # noqa: E402
-from minisirev.stages import Models, Sampling, evaluate, generate_and_verify, write_summary  # noqa: E402
+from minisirev.stages import Models, Sampling, evaluate, generate_and_verify, write_provenance, write_summary  # noqa: E402
 from minisirev.tasks import DataError, HarnessError  # noqa: E402
 from minisirev.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 
@@ -156,6 +156,7 @@ t_start = time.perf_counter()
 try:
     if not args.skip_base:
         m = evaluate(run, 0, lambda: model(0), tok, inputs, evals, "base")
+        write_provenance(run, 0, config, device)
         print(f"iter 0 (base): pass@1 {100 * m['pass@1']:.1f}%")
     for t in range(1, args.iter + 1):
         methods = tr.step_methods(args.method, t, args.schedule)
@@ -191,6 +192,7 @@ try:
         if t == 1 or t < args.iter:  # ---- M_t's samples: M1's coverage, the next round's data
             self_samples(t)
         m = evaluate(run, t, lambda: model(t), tok, inputs, evals, "+".join(methods))  # ---- evaluate M_t
+        write_provenance(run, t, config, device)
         print(f"iter {t} ({m['step_method']}): pass@1 {100 * m['pass@1']:.1f}%")
 except tr.TrainingDiverged as e:
     last = f"{run.model(t - 1)}" if t > 1 else args.model

@@ -30,6 +30,7 @@ from minisirev.tasks import Task, get_task
 
 
 def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
@@ -40,6 +41,7 @@ def read_json(path: Path):
 
 
 def write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         for row in rows:
@@ -85,7 +87,6 @@ class Run:
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
 
-    # paths
     @property
     def config(self) -> Path:
         return self.root / "config.json"
@@ -98,10 +99,9 @@ class Run:
     def log(self) -> Path:
         return self.root / "log.jsonl"
 
+    # paths only: nothing is created until it is written (the writers make their directories)
     def iter_dir(self, t: int) -> Path:
-        d = self.root / f"iter_{t}"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        return self.root / f"iter_{t}"
 
     def model(self, t: int) -> Path:
         return self.root / f"iter_{t}" / "model"
@@ -116,9 +116,7 @@ class Run:
         return self.iter_dir(t) / "train_log.jsonl"
 
     def eval_file(self, t: int, name: str) -> Path:
-        d = self.iter_dir(t) / "eval"
-        d.mkdir(exist_ok=True)
-        return d / f"{name}.jsonl"
+        return self.iter_dir(t) / "eval" / f"{name}.jsonl"
 
     def metrics(self, t: int) -> Path:
         return self.iter_dir(t) / "metrics.json"

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from minisirev import metrics as M
 from minisirev.run import Inputs, Run, append_jsonl, read_json, read_partial_rows, read_rows, write_json, write_jsonl
 from minisirev.tasks import HarnessError
+from minisirev.training import step_methods
 
 # ---- settings -------------------------------------------------------------------------------------------------
 
@@ -115,7 +116,7 @@ def generate_and_verify(model, tok, task, records: list[dict], out: Path, sampli
     rows = read_partial_rows(partial) if same else []
     rows = rows[:len(rows) // chunk * chunk]  # a chunk cut short by a kill is redone whole
     out.unlink(missing_ok=True)
-    write_json(sp, settings)
+    write_json(sp, settings)  # (makes out's directory)
     write_jsonl(partial, rows)
     s, t0, n_tokens = sampling, time.perf_counter(), 0
     gen_kw = gen_kw or {}
@@ -165,8 +166,11 @@ def generate_and_verify(model, tok, task, records: list[dict], out: Path, sampli
 def evaluate(run: Run, t: int, model: Callable, tok, inputs: Inputs, settings: EvalSettings, step_method: str
              ) -> dict:
     """Generate what M_t's metrics need (greedy and sampled test answers, greedy OOD answers) into iter_t/eval/,
-    then compute iter_t/metrics.json from those files. `model()` returns M_t; it is called only when a
-    generation is missing. Seeds: evaluation of M_t draws with seed + 7919 t."""
+    then derive from those files, in order: the per-question record (eval/per_question.json: verdicts, counts,
+    diversity per question; the encoder runs here, once), metrics.json with its 95% intervals ("ci"),
+    transitions.json (questions gained and lost against M1 and M_{t-1}) and, for math tasks, the second
+    verifier's agreement (second_verifier.json). `model()` returns M_t; it is called only when a generation is
+    missing. Seeds: evaluation of M_t draws with seed + 7919 t."""
     e = settings
     seed = e.seed + 7919 * t
     jobs = [("test_greedy", inputs.task, inputs.test, Sampling(1, 0.0, max_new_tokens=e.max_new_tokens, seed=seed)),
@@ -178,52 +182,139 @@ def evaluate(run: Run, t: int, model: Callable, tok, inputs: Inputs, settings: E
     fresh = False
     for name, task, records, sampling in jobs:
         out = run.eval_file(t, name)
-        settings_now = {**dataclasses.asdict(sampling), "records": len(records), "task": task.name}
-        if not is_done(out, settings_now):
+        if not is_done(out, {**dataclasses.asdict(sampling), "records": len(records), "task": task.name}):
             generate_and_verify(model(), tok, task, records, out, sampling, desc=f"iter {t} {name}", log=run.log)
             fresh = True
+    pq_path = run.iter_dir(t) / "eval" / "per_question.json"
+    if fresh or not pq_path.exists():
+        write_json(pq_path, per_question(run, t, semantic_questions=e.semantic_questions))
     if fresh or not run.metrics(t).exists():
-        write_json(run.metrics(t), compute_metrics(run, t, step_method, semantic_questions=e.semantic_questions))
+        write_json(run.metrics(t), compute_metrics(run, t, step_method, seed=seed))
+        write_json(run.iter_dir(t) / "transitions.json", transitions(run, t))
+        if inputs.task.name in SECOND_VERIFIER_TASKS:
+            write_json(run.iter_dir(t) / "second_verifier.json", second_opinion(run, t, inputs))
     return read_json(run.metrics(t))
 
 
-def compute_metrics(run: Run, t: int, step_method: str, *, semantic_questions: int = 0) -> dict:
-    """metrics.json of M_t from its own generation files and, for t >= 2, M1's (the improvement set); M1's
-    coverage comes from its own samples on the training questions (iter_1/samples.jsonl)."""
-    greedy = [bool(r["correct"][0]) for r in read_rows(run.eval_file(t, "test_greedy"))]
+def per_question(run: Run, t: int, *, semantic_questions: int = 0) -> dict:
+    """metrics.per_question of M_t from its generation files."""
+    greedy = read_rows(run.eval_file(t, "test_greedy"))
     samples = read_rows(run.eval_file(t, "test_samples"))
-    m1 = {}
-    if t > 1:
-        m1 = {"m1_greedy_correct": [bool(r["correct"][0]) for r in read_rows(run.eval_file(1, "test_greedy"))],
-              "m1_counts": M.counts_from_verdicts([r["correct"] for r in read_rows(run.eval_file(1, "test_samples"))])}
+    ood = read_rows(run.eval_file(t, "ood_greedy")) if run.eval_file(t, "ood_greedy").exists() else None
+    return M.per_question(ids=[r["id"] for r in greedy], greedy_correct=[bool(r["correct"][0]) for r in greedy],
+                          sample_texts=[r["completions"] for r in samples],
+                          sample_verdicts=[r["correct"] for r in samples],
+                          ood_levels=None if ood is None else [r.get("level") for r in ood],
+                          ood_correct=None if ood is None else [bool(r["correct"][0]) for r in ood],
+                          semantic_questions=semantic_questions or None)
+
+
+def load_per_question(run: Run, t: int) -> dict | None:
+    path = run.iter_dir(t) / "eval" / "per_question.json"
+    return read_json(path) if path.exists() else None
+
+
+def compute_metrics(run: Run, t: int, step_method: str, *, seed: int = 0) -> dict:
+    """metrics.json of M_t from its per-question record and, for t >= 2, M1's (the improvement set); M1's
+    coverage comes from its own samples on the training questions (iter_1/samples.jsonl). "ci" holds the
+    seeded bootstrap intervals of every headline number, in the same layout."""
+    pq, m1 = load_per_question(run, t), load_per_question(run, 1) if t >= 2 else None
     coverage = None
     if t == 1 and run.samples(1).exists():
         train = read_rows(run.samples(1))
         coverage = M.coverage([sum(r["correct"]) for r in train], len(train[0]["correct"]))
-    ood = {}
-    if run.eval_file(t, "ood_greedy").exists():
-        rows = read_rows(run.eval_file(t, "ood_greedy"))
-        ood = {"ood_levels": [r.get("level") for r in rows], "ood_correct": [bool(r["correct"][0]) for r in rows]}
-    out = M.iteration_metrics(iter=t, step_method=step_method, greedy_correct=greedy,
-                              sample_texts=[r["completions"] for r in samples],
-                              sample_verdicts=[r["correct"] for r in samples], coverage=coverage,
-                              semantic_questions=semantic_questions or None, **m1, **ood)
+    out = M.metrics_from_questions(pq, iter=t, step_method=step_method, m1=m1, coverage=coverage)
     if coverage is not None:
         out["recommendation"] = M.recommend(coverage)
+    out["ci"] = M.iteration_intervals(pq, m1=m1, seed=seed)
     return out
+
+
+def transitions(run: Run, t: int) -> dict:
+    """The test questions M_t gained and lost (greedy) against M1 (t >= 2) and against M_{t-1} (t >= 1)."""
+    return M.iteration_transitions(t, load_per_question(run, t), m1=load_per_question(run, 1) if t >= 2 else None,
+                                   prev=load_per_question(run, t - 1) if t >= 1 else None)
+
+
+SECOND_VERIFIER_TASKS = ("arith", "gsm8k", "math")
+
+
+def second_opinion(run: Run, t: int, inputs: Inputs) -> dict:
+    """math-verify's verdicts beside ours on M_t's greedy answers (test and OOD), with the disagreement rate."""
+    from minisirev.second_verifier import compare_verifiers
+
+    def compare(task, records, name):
+        rows = read_rows(run.eval_file(t, name))
+        return compare_verifiers(task.name, records, [r["completions"][0] for r in rows],
+                                 [bool(r["correct"][0]) for r in rows], ids=[r["id"] for r in rows])
+
+    out = {"iter": t, **compare(inputs.task, inputs.test, "test_greedy")}
+    if inputs.ood and inputs.ood_task.name in SECOND_VERIFIER_TASKS:
+        out["ood"] = compare(inputs.ood_task, inputs.ood, "ood_greedy")
+    return out
+
+
+# ---- provenance -----------------------------------------------------------------------------------------------
+
+
+def write_provenance(run: Run, t: int, config: dict, device) -> dict:
+    """iter_t/provenance.json: the hashes of what produced M_t (the weights it started from, DPO's reference,
+    its training data, the samples that data came from, its own weights), the verifier's version, the seeds and
+    sampling settings, the kit's commit, package versions and the device. A checkpoint already hashed in the
+    previous record is not hashed again."""
+    from minisirev import provenance as prov
+
+    path = run.iter_dir(t) / "provenance.json"
+    if path.exists():
+        return read_json(path)
+    prev = read_json(run.root / f"iter_{t - 1}" / "provenance.json") if (
+        t >= 1 and (run.root / f"iter_{t - 1}" / "provenance.json").exists()) else None
+    base = config["model"] if Path(config["model"]).exists() else None  # a Hub id is recorded by name only
+    if t == 0:
+        files = {"model": base}
+    else:
+        start = (prev or {}).get("files", {}).get("model") or (base if t == 1 else run.model(t - 1))
+        ref = None
+        if "dpo" in step_methods(config["method"], t, config.get("schedule", "alternate")):
+            m1 = read_json(run.root / "iter_1" / "provenance.json")["files"]["model"] if (
+                run.root / "iter_1" / "provenance.json").exists() else run.model(1)
+            ref = start if config.get("ref") == "prev" or t == 2 else m1
+        files = {"start_model": start, "ref_model": ref, "train_data": run.train_data(t),
+                 "samples": run.samples(t - 1) if t >= 2 else None, "model": run.model(t)}
+    s = config.get("seed", 0)
+    record = prov.iteration_provenance(
+        iter=t, files=files, verifier=prov.verifier_version(config.get("task")),
+        seeds={"seed": s, "samples": s + t + 1, "eval": s + 7919 * t, "pairs": s + t},
+        sampling={k: config.get(k) for k in ("n_samples", "temperature", "top_p", "top_k", "max_new_tokens",
+                                             "eval_samples", "eval_temperature")},
+        device=device, base_model=config["model"])
+    write_json(path, record)
+    return record
 
 
 # ---- the summary ----------------------------------------------------------------------------------------------
 
 
 def write_summary(run: Run, config: dict) -> dict:
-    """summary.json from M0's and every finished iteration's metrics.json, then report.md and the plots."""
+    """summary.json from M0's and every finished iteration's files: metrics, paired comparisons (M_t against
+    M0, M1 and M_{t-1}), transitions, provenance and the second verifier; then report.md and the plots."""
     from minisirev.report import write_report
 
-    base = read_json(run.metrics(0)) if (run.root / "iter_0" / "metrics.json").exists() else None
-    its = [read_json(run.metrics(t)) for t in run.trained_iters() if run.metrics(t).exists()]
-    summary = {"task": config.get("task"), "method": config.get("method"), "base": base, "iterations": its,
-               "config": config}
+    ts = ([0] if run.metrics(0).exists() else []) + [t for t in run.trained_iters() if run.metrics(t).exists()]
+    metrics = {t: read_json(run.metrics(t)) for t in ts}
+    pqs = {t: load_per_question(run, t) for t in ts}
+    seed = config.get("seed", 0)
+    comparisons = [M.iteration_comparisons(t, pqs[t], m0=pqs.get(0), m1=pqs.get(1) if t >= 2 else None,
+                                           prev=pqs.get(t - 1) if t >= 3 else None, seed=seed + t)
+                   for t in ts if t >= 1]
+
+    def gather(name: str) -> list[dict]:
+        return [read_json(p) for t in ts if (p := run.root / f"iter_{t}" / name).exists()]
+
+    summary = {"task": config.get("task"), "method": config.get("method"), "base": metrics.get(0),
+               "iterations": [metrics[t] for t in ts if t >= 1], "comparisons": comparisons,
+               "transitions": gather("transitions.json"), "provenance": gather("provenance.json"),
+               "second_verifier": gather("second_verifier.json"), "config": config}
     write_json(run.summary, summary)
     write_report(run.root, summary)
     return summary
