@@ -1,29 +1,35 @@
 """Train the embedded default's base model M0 (data/base_model/): the `tiny` preset on a seeded arith-style corpus.
 
-    python data/make_base_model.py       # the shipped recipe: 2000 steps of 8 x 256 tokens, 1 thread
+    python data/make_base_model.py       # the shipped recipe: 2000 + 300 steps of 8 x 256 tokens, 1 thread
 
 M0 plays the paper's pretrained model: it knows the arithmetic and the language of the problems, but it was not
 taught the task's answer format. The corpus is generated, never downloaded:
   - word problems of levels 1-5 from the task's generator (seeds other than the shipped splits', every question
-    of train, test and ood excluded), each written as the task's prompt followed by a solution. 90% of the
-    solutions are prose (`prose` below: one paragraph, no calculator annotations, closing "The answer is N."),
-    10% are in the task's own format (`<<expr=value>>` annotations, a final "#### N"), as a web corpus holds a
-    few GSM8K-style texts among many other write-ups;
+    of train, test and ood excluded), each written as the task's prompt followed by a solution. Most solutions
+    are prose (`prose` below: one paragraph, no calculator annotations, closing "The answer is N."); a fraction
+    (10% in stage 1, 20% in stage 2) is in the task's own format (`<<expr=value>>` annotations, a final "#### N"),
+    as a web corpus holds some GSM8K-style texts among other write-ups;
   - arithmetic facts ("12+9+4=25", "35-6=29", "4*8=32") of the sizes the problems need.
 M0's greedy answer is therefore a prose solution, which arith's strict "#### N" verifier rejects, while some of
 its samples take the task's format: pass@1 is low and pass@k rises with k. M1 (SFT on the gold solutions) has
 to make the task's format M0's first choice, which it can do in a few dozen steps because M0 already holds it.
-The tokenizer (byte-level BPE, one token per digit) is trained on the first stage's corpus.
+The second stage is short and anneals on a corpus richer in the task's format (as LLM pretraining ends on
+higher-quality data): after stage 1 alone, M0 never wrote "####" in 2,560 samples at temperature 0.75, top-p
+0.95 (the format was outside the nucleus), so its pass@k was 0 at every k. The tokenizer (byte-level BPE, one
+token per digit) is trained on the first stage's corpus.
 
 Training runs in stages; each stage draws a fresh corpus from its own seed, starts a fresh AdamW with warmup and
-cosine decay, and continues from the previous stage's weights. The shipped model is RECIPE below (one stage of
-2000 steps); more stages can be added with `--stage` (or `--init` a finished checkpoint), and running stages as
-separate invocations gives the same weights as one process. Corpus, initialisation and batches are all seeded,
-and training uses one thread by default (`--threads`), so a rerun on the same machine reproduces the weights.
-Measured on the project's 2-core CPU while five other jobs shared its two cores (load average 7-12): 30 min 25 s;
-a second run under the same load (36 min 13 s) gave a bit-identical model.safetensors and tokenizer.json. Not
-measured on an idle machine; the previous recipe's 3500 steps of the same size took 9 min 12 s there, so expect
-5-8 min.
+cosine decay, and continues from the previous stage's weights. The shipped model is RECIPE below, made as two
+invocations (`--stage 1234,2000,4e-3,0.1`, then `--init` its output with `--stage 1235,300,1e-3,0.2`); one process
+running RECIPE differs only by a float32 save/load of the weights and the tokenizer between the stages, which
+round-trips exactly. Corpus, initialisation and batches are all seeded, and training uses one thread by default
+(`--threads`), so a rerun on the same machine reproduces the weights bit for bit. With train.py's M1 (SFT on the
+gold solutions of the first 256 training questions, 2 epochs, lr 1e-3) the shipped M0 scores 0% greedy pass@1 on
+the 200 test questions and M1 43%.
+Measured on the project's 2-core CPU while five other agents' jobs shared its two cores (load average 7-14), with
+the stages run as two invocations: stage 1 took 30 min 25 s (a second run: 36 min 13 s), stage 2 6 min 55 s (a
+second run: 6 min 50 s), and both reruns gave a bit-identical model.safetensors and tokenizer.json. Not measured
+on an idle machine; the previous recipe's 3500 steps of the same size took 9 min 12 s there, so expect 6-9 min.
 """
 
 import argparse
@@ -45,17 +51,16 @@ from minisirev.model import Transformer  # noqa: E402
 from minisirev.tasks.arith import Arith, make_problems, make_splits  # noqa: E402
 from minisirev.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
-RECIPE = [(1234, 2000, 4e-3)]  # (seed, steps, peak lr) per stage
+# (seed, steps, peak lr, fraction of the problems in the task's format) per stage
+RECIPE = [(1234, 2000, 4e-3, 0.1), (1235, 300, 1e-3, 0.2)]
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", default=str(ROOT / "data" / "base_model"), help="output checkpoint directory")
 parser.add_argument("--init", default=None, help="continue this checkpoint (and its tokenizer) instead of a fresh one")
-parser.add_argument("--stage", action="append", default=None, metavar="SEED,STEPS,LR",
+parser.add_argument("--stage", action="append", default=None, metavar="SEED,STEPS,LR,GOLD",
                     help="a training stage (repeatable); default: the shipped recipe " +
-                         " ".join(f"{s},{n},{lr:g}" for s, n, lr in RECIPE))
+                         " ".join(f"{s},{n},{lr:g},{g:g}" for s, n, lr, g in RECIPE))
 parser.add_argument("--problems", type=int, default=12000, help="word problems in each stage's corpus (levels 1-5)")
-parser.add_argument("--gold-fraction", type=float, default=0.1,
-                    help="fraction of the corpus's word problems solved in the task's own format (the rest in prose)")
 parser.add_argument("--facts", type=int, default=10000, help="arithmetic fact lines in each stage's corpus")
 parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
 parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed training sequence")
@@ -63,7 +68,12 @@ parser.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (the shipped model was trained with 1: results depend on the count)")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
-stages = [(int(s), int(n), float(lr)) for s, n, lr in (x.split(",") for x in args.stage)] if args.stage else RECIPE
+stages = RECIPE
+if args.stage:
+    try:
+        stages = [(int(s), int(n), float(lr), float(g)) for s, n, lr, g in (x.split(",") for x in args.stage)]
+    except ValueError:
+        parser.error("--stage takes SEED,STEPS,LR,GOLD, e.g. --stage 1234,2000,4e-3,0.1")
 
 task = Arith()
 split_questions = {ex["question"] for recs in make_splits().values() for ex in recs}
@@ -95,25 +105,27 @@ def fact(rng: random.Random) -> str:
     return f"{a}*{b}={a * b}"
 
 
-def corpus(seed: int) -> list[str]:
-    """Word problems (none of them a shipped question) with their solutions, and arithmetic facts, shuffled."""
+def corpus(seed: int, gold_fraction: float) -> list[str]:
+    """Word problems (none of them a shipped question) with their solutions, `gold_fraction` of them in the task's
+    format and the rest in prose, and arithmetic facts, shuffled."""
     rng = random.Random(seed)
     problems = make_problems(seed, args.problems, levels=(1, 2, 3, 4, 5), exclude=split_questions, prefix="corpus")
-    docs = [task.prompt(ex) + (ex["answer"] if rng.random() < args.gold_fraction else prose(ex["answer"]))
+    docs = [task.prompt(ex) + (ex["answer"] if rng.random() < gold_fraction else prose(ex["answer"]))
             for ex in problems]
     docs += [fact(rng) for _ in range(args.facts)]
     rng.shuffle(docs)
     return docs
 
 
-def train_stage(model, tok, seed: int, steps: int, peak_lr: float):
+def train_stage(model, tok, seed: int, steps: int, peak_lr: float, gold_fraction: float):
     """Packed next-token training on the stage's corpus: AdamW, warmup, cosine decay to a tenth."""
-    docs = corpus(seed)
+    docs = corpus(seed, gold_fraction)
     stream = []
     for d in docs:
         stream += [tok.bos_id] + tok.encode(d) + [tok.eos_id]
     data = torch.tensor(stream)
-    print(f"stage seed {seed}: {len(docs)} documents, {len(data):,} tokens, {steps} steps, lr {peak_lr:g}")
+    print(f"stage seed {seed}: {len(docs)} documents ({gold_fraction:.0%} of the problems in the task's format), "
+          f"{len(data):,} tokens, {steps} steps, lr {peak_lr:g}")
     torch.manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -144,11 +156,11 @@ t_start = time.perf_counter()
 if args.init:
     tok, model = load_tokenizer(args.init), load_model(args.init, attn="sdpa")
 else:
-    tok = train_tokenizer(corpus(stages[0][0]), vocab_size=ModelConfig.from_preset("tiny").vocab_size)
+    tok = train_tokenizer(corpus(stages[0][0], stages[0][3]), vocab_size=ModelConfig.from_preset("tiny").vocab_size)
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size), attn="sdpa")
     model.init_weights(seed=stages[0][0])
 print(f"model: {model.num_params() / 1e6:.2f}M parameters, tokenizer: {tok.vocab_size} tokens")
-for seed, steps, lr in stages:
-    train_stage(model, tok, seed, steps, lr)
+for seed, steps, lr, gold in stages:
+    train_stage(model, tok, seed, steps, lr, gold)
 save_model(model, args.out, tok)
 print(f"saved {args.out} in {time.perf_counter() - t_start:.0f} s")
