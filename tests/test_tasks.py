@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from minisirev.tasks import TASKS, DataError, get_task
-from minisirev.tasks.arith import check_solution, generate, make_problem, make_splits
+from minisirev.tasks.arith import check_solution, make_problem, make_problems, make_splits
 from minisirev.tasks.csqa import extract_choice
 from minisirev.tasks.gsm8k import extract_number, normalize_number
 from minisirev.tasks.math_task import extract_math_answer, math_equal
@@ -194,12 +194,12 @@ def test_mbpp_prompt_shows_tests():
 
 
 def test_arith_generator_is_deterministic():
-    a = generate(123, 60, (1, 2, 3, 4, 5))
-    assert a == generate(123, 60, (1, 2, 3, 4, 5))
-    assert a != generate(124, 60, (1, 2, 3, 4, 5))
+    a = make_problems(123, 60, (1, 2, 3, 4, 5))
+    assert a == make_problems(123, 60, (1, 2, 3, 4, 5))
+    assert a != make_problems(124, 60, (1, 2, 3, 4, 5))
     assert [ex["level"] for ex in a[:10]] == [1, 2, 3, 4, 5] * 2
     held = {ex["question"] for ex in a}
-    assert not held & {ex["question"] for ex in generate(123, 60, (1, 2, 3, 4, 5), exclude=held)}
+    assert not held & {ex["question"] for ex in make_problems(123, 60, (1, 2, 3, 4, 5), exclude=held)}
 
 
 def test_arith_levels_grow():
@@ -213,6 +213,29 @@ def test_arith_levels_grow():
     assert steps[1] < steps[2] < steps[3] < steps[4] < steps[5]
     assert 1 <= steps[1] <= 2 and steps[5] >= 6
     assert sizes[1] < 100 < sizes[4]
+
+
+def test_arith_verifier_is_strict():
+    """arith grades the "#### N" line only (lm-evaluation-harness's strict-match); GSM8K falls back to the last
+    number. The same right number in another layout is wrong for arith and right for GSM8K."""
+    t, g = get_task("arith"), get_task("gsm8k")
+    ex = {"question": "q", "answer": "Ann has 7+5=<<7+5=12>>12 pens.\n#### 12", "level": 1}
+    prose = "Ann has 7+5=12 pens. The answer is 12."
+    assert t.is_correct(ex, ex["answer"]) and t.is_correct(ex, "#### 12.0") and t.is_correct(ex, "x\n#### $12")
+    assert not t.is_correct(ex, prose) and g.is_correct(ex, prose)
+    assert t.extract(prose) is None and t.extract("#### ") is None and t.extract("") is None
+    assert not t.is_correct(ex, "#### 12\n#### 13")  # the last "####" counts
+    assert t.is_correct(ex, "#### 13\n#### 12 pens")
+
+
+def test_arith_level_profile():
+    """Levels 4-5 stay in reach of a tiny model: amounts up to 60, the level-5 price at most 5, three people."""
+    for level in (4, 5):
+        rng = random.Random(level)
+        for _ in range(200):
+            ex = make_problem(rng, level)
+            assert ex["answer"].count("\n") == level + 1  # 3 people, the sum, the loss (+ the price), "####"
+            assert int(ex["answer"].rsplit("####", 1)[1]) < 10000
 
 
 def test_arith_shipped_splits():

@@ -12,22 +12,27 @@ A problem is a few people, each holding a quantity of one item, combined into on
 then "They have 12+9+4=<<12+9+4=25>>25 pens in total.", optionally a loss ("They lose 6 pens.") and at level 5 a
 price ("They sell each of the rest for 3 dollars."). The people's sub-results are independent, so they can be
 computed in any order and the sum's terms can be written in any order: the gold solution picks one order with the
-seeded generator, and the verifier (like GSM8K's) only checks the final number, so solution diversity and distinct
-equation sequences are measurable.
+seeded generator, and the verifier only checks the final "#### N", so solution diversity and distinct equation
+sequences are measurable.
 
-Levels (more steps and larger numbers as the level rises):
-    1  one change, or a sum of 2-3 direct amounts, or a change plus a direct amount (1-2 steps; numbers < 30)
+Levels (more steps, and more numbers to carry from the question, as the level rises):
+    1  one change, or a sum of two direct amounts, or a change plus a direct amount (1-2 steps; numbers < 30)
     2  a product (2-4 x 2-9) and a direct or changed amount, summed, sometimes a loss (2-3 steps)
     3  two computed amounts (products or changes) and maybe a direct one, summed, sometimes a loss (3-4 steps)
-    4  three computed amounts with 3-digit numbers, summed, then a loss (5 steps)
-    5  three or four computed amounts with 3-digit numbers, summed, a loss, then a price (6-7 steps)
-The vocabulary is deliberately small (six names, six items, three containers, a few verbs) so that a model of a
-few million parameters can learn the task partially: it leaves room both to improve and to collapse.
+    4  three computed amounts, summed, then a loss (5 steps; amounts up to 60)
+    5  three computed amounts, summed, a loss, then a price of 2-5 dollars each (6 steps; up to 4 digits)
+The vocabulary is deliberately small (six names, six items, three containers, a few verbs) and the numbers stay
+small enough that a model of about a million parameters solves every level at some rate: the levels differ in
+length (steps, and numbers copied from the question), so accuracy falls with the level without reaching zero.
 
 Shipped splits (data/arith/, regenerated bit-for-bit by `python data/arith/make.py`): train (2000, levels 1-3),
 test (300, levels 1-3), ood (500, levels 1-5, 100 per level). No question appears in two splits.
-Prompt, reference and verifier are GSM8K's (see gsm8k.py): prompt "Question: ...\\nAnswer:\\n", reference the
-solution, correct iff the number after the last "####" (else the last number) equals the gold answer.
+Prompt and reference are GSM8K's (see gsm8k.py): prompt "Question: ...\\nAnswer:\\n", reference the solution.
+The verifier is GSM8K's strict form: a completion is correct iff it has a "#### N" line and the number after the
+last "####" equals the gold answer (lm-evaluation-harness's "strict-match" for GSM8K). The answer format is part
+of the task: a completion that reaches the right number in another layout ("... The answer is 25.") is wrong,
+which is what a pretrained model that was never taught the format gets (GSM8K's own verifier falls back to the
+last number in the text; arith does not).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import re
 from collections.abc import Iterable
 
 from minisirev.tasks.base import DataError
-from minisirev.tasks.gsm8k import GSM8K, extract_number
+from minisirev.tasks.gsm8k import GSM8K, NUMBER_RE, extract_number, normalize_number
 
 NAMES = ["Tom", "Ann", "Ben", "Mia", "Sam", "Eva"]
 ITEMS = ["apples", "pens", "books", "eggs", "cards", "stamps"]
@@ -48,8 +53,8 @@ _RANGES = {
     1: dict(n=(1, 20), m=(1, 9), a=(2, 3), b=(2, 5)),
     2: dict(n=(1, 30), m=(1, 9), a=(2, 4), b=(2, 9)),
     3: dict(n=(1, 50), m=(1, 20), a=(2, 6), b=(2, 12)),
-    4: dict(n=(100, 999), m=(10, 99), a=(2, 9), b=(10, 99)),
-    5: dict(n=(100, 999), m=(10, 99), a=(2, 9), b=(10, 99)),
+    4: dict(n=(10, 60), m=(1, 20), a=(2, 6), b=(2, 12)),
+    5: dict(n=(10, 60), m=(1, 20), a=(2, 6), b=(2, 12), p=(2, 5)),
 }
 
 
@@ -81,7 +86,7 @@ def _plan(rng: random.Random, level: int) -> tuple[list[str], bool, bool]:
         if shape == 0:
             return [change()], False, False
         if shape == 1:
-            return ["direct"] * rng.choice([2, 3]), False, False
+            return ["direct", "direct"], False, False
         return [change(), "direct"], False, False
     if level == 2:
         return ["product", rng.choice(["direct", "up", "down"])], rng.random() < 0.5, False
@@ -90,7 +95,7 @@ def _plan(rng: random.Random, level: int) -> tuple[list[str], bool, bool]:
         return kinds, rng.random() < 0.5, False
     if level == 4:
         return [computed() for _ in range(3)], True, False
-    return [computed() for _ in range(rng.choice([3, 4]))], True, True
+    return [computed() for _ in range(3)], True, True
 
 
 def make_problem(rng: random.Random, level: int) -> dict:
@@ -128,7 +133,7 @@ def make_problem(rng: random.Random, level: int) -> dict:
         question += f" They lose {m} {item}."
         total = left
         if price:
-            p = rng.randint(2, 9)
+            p = rng.randint(*r["p"])
             money = total * p
             lines.append(f"They get {total}*{p}=<<{total}*{p}={money}>>{money} dollars.")
             question += f" They sell each of the rest for {p} dollars. How many dollars do they get?"
@@ -139,13 +144,13 @@ def make_problem(rng: random.Random, level: int) -> dict:
     return {"question": question, "answer": "\n".join(lines), "level": level}
 
 
-def generate(seed: int, n: int, levels: Iterable[int] = (1, 2, 3), *, exclude: Iterable[str] = (),
+def make_problems(seed: int, n: int, levels: Iterable[int] = (1, 2, 3), *, exclude: Iterable[str] = (),
              prefix: str = "arith") -> list[dict]:
     """`n` distinct problems from `seed`, levels taken round-robin from `levels`, none whose question is in
     `exclude`. Records: {"id": f"{prefix}-{i:05d}", "question", "answer", "level"}. Deterministic in its inputs."""
     levels = list(levels)
     if not levels:
-        raise ValueError("arith.generate needs at least one level")
+        raise ValueError("arith.make_problems needs at least one level")
     rng = random.Random(seed)
     seen = set(exclude)
     out = []
@@ -155,7 +160,7 @@ def generate(seed: int, n: int, levels: Iterable[int] = (1, 2, 3), *, exclude: I
         ex = make_problem(rng, level)
         tries += 1
         if tries > 1000 * (n + 10):
-            raise RuntimeError(f"arith.generate: could not find {n} distinct problems at levels {levels}")
+            raise RuntimeError(f"arith.make_problems: could not find {n} distinct problems at levels {levels}")
         if ex["question"] in seen:
             continue
         seen.add(ex["question"])
@@ -171,7 +176,7 @@ def make_splits() -> dict[str, list[dict]]:
     """The shipped splits of data/arith/, disjoint by question text."""
     out, seen = {}, set()
     for split, seed, size, levels in SPLITS:
-        out[split] = generate(seed, size, levels, exclude=seen, prefix=f"arith-{split}")
+        out[split] = make_problems(seed, size, levels, exclude=seen, prefix=f"arith-{split}")
         seen.update(ex["question"] for ex in out[split])
     return out
 
@@ -189,6 +194,13 @@ class Arith(GSM8K):
 
     def level(self, ex: dict) -> int | None:
         return ex["level"]
+
+    def extract(self, text: str) -> str | None:
+        """The number after the last "####" (normalised as GSM8K's); None when there is no "#### N"."""
+        if not text or "####" not in text:
+            return None
+        m = NUMBER_RE.search(text.rsplit("####", 1)[1])
+        return normalize_number(m.group(0)) if m else None
 
 
 def check_solution(answer: str) -> bool:
