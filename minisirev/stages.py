@@ -37,7 +37,7 @@ class Sampling:
     temperature: float
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 160
+    max_new_tokens: int = 192  # the longest gold solution of arith's level 5 is 161 tokens
     seed: int = 0
 
 
@@ -45,12 +45,12 @@ class Sampling:
 class EvalSettings:
     """How every model of a run is evaluated; these are the defaults of train.py and eval.py."""
     n_test: int = 200  # test questions (first N; 0 = all)
-    n_ood: int = 250  # OOD questions (first N; 0 = all)
-    samples: int = 64  # sampled completions per test question: pass@k up to k = samples
+    n_ood: int = 0  # OOD questions (first N; 0 = all: arith's 500, 100 per level)
+    samples: int = 32  # sampled completions per test question: pass@k up to k = samples
     temperature: float = 0.75
     top_p: float = 0.95
     top_k: int = 0
-    max_new_tokens: int = 160
+    max_new_tokens: int = 192  # the longest gold solution of arith's level 5 is 161 tokens
     seed: int = 0
     semantic_questions: int = 0  # questions the semantic diversity is averaged over (0 = all)
 
