@@ -17,7 +17,7 @@ import torch
 
 from minisirev.config import ModelConfig
 from minisirev.model import Transformer
-from minisirev.sampler import counter_uniform, generate, logits_to_probs, sample
+from minisirev.sampler import generate, logits_to_probs, sample, stream_key, uniform_from_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 on CPU; cached decoding and the full forward do the same ops over different key lengths and batch shapes,
@@ -28,6 +28,12 @@ BASE = dict(vocab_size=61, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=
             bos_id=1, eos_id=2)
 CONFIGS = {"llama-gqa": BASE, "mistral-window": dict(BASE, model_type="mistral", sliding_window=4)}
 LENS = (5, 1, 9, 13, 3)  # ragged, and longer than the window
+
+
+def uniforms(seed, key, sample_idx: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The uniforms generate draws token `step` of sample `sample_idx` of the prompt with `key` with."""
+    streams = torch.tensor([stream_key(seed, key, j) for j in sample_idx.tolist()])
+    return uniform_from_stream(streams, step)
 
 
 def make_model(name="llama-gqa", attn="ref"):
@@ -236,7 +242,7 @@ def test_draws_match_intended_distribution(temperature, top_k, top_p):
     logits = torch.randn(1, 9, generator=torch.Generator().manual_seed(0)) * 1.5
     probs = logits_to_probs(logits, temperature, top_k, top_p)[0]
     N = 40000
-    u = counter_uniform(11, 0, torch.arange(N), torch.zeros(N, dtype=torch.long))
+    u = uniforms(11, 0, torch.arange(N), torch.zeros(N, dtype=torch.long))
     assert_frequencies(sample(probs.expand(N, -1), u=u), probs)
     g = torch.Generator().manual_seed(11)
     assert_frequencies(sample(probs.expand(N, -1), g), probs)
@@ -257,14 +263,14 @@ def test_generate_first_tokens_match_model_distribution(model):
 
 
 def test_uniforms_are_uniform_and_stream_local():
-    u = counter_uniform(0, 7, torch.arange(50000), torch.arange(50000) % 13)
+    u = uniforms(0, 7, torch.arange(50000), torch.arange(50000) % 13)
     assert 0 <= u.min() and u.max() < 1
     counts = torch.histc(u.float(), bins=20, min=0, max=1)
     assert (counts - 2500).abs().max() < 5 * math.sqrt(2500)
     # a draw depends only on (seed, key, sample, step)
-    assert torch.equal(counter_uniform(0, 7, torch.tensor([3]), torch.tensor([3])), u[3:4])
-    assert not torch.equal(counter_uniform(1, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)),
-                           counter_uniform(0, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)))
+    assert torch.equal(uniforms(0, 7, torch.tensor([3]), torch.tensor([3])), u[3:4])
+    assert not torch.equal(uniforms(1, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)),
+                           uniforms(0, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)))
 
 
 # ---- sample.py: output lines and resume after SIGKILL --------------------------------------------------------
