@@ -36,8 +36,9 @@ Same seed -> same samples on the same device; across devices, up to those roundi
 The decode step is torch.compiled by default on CUDA (compile=None): static shapes (every slot every step, kv_len
 rounded up to a multiple of 256, so at most S_max / 256 graphs) in "reduce-overhead" mode, which captures it in a
 CUDA graph (the cache is marked as a static address, as transformers' StaticCache does). If compiling fails, generate
-warns and decodes with the plain step, which is the default elsewhere (compile=True asks for the compiled step on a
-CPU too). Sampling itself stays eager in both.
+warns and decodes with the plain step. The plain step is the default elsewhere: on the 2-core CPU the compile took
+minutes (more than a default run's sampling) and static shapes make every step decode every slot over a rounded-up
+cache; compile=True still asks for it (the tests check the two give the same tokens). Sampling stays eager in both.
 
 Returned token ids exclude the prompt and the stop token (EOS or any stop id) that ended a row; a row without a stop
 token has exactly max_new_tokens ids. Log-probs (return_logprobs=True) are those of the returned tokens under the
@@ -53,7 +54,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -311,8 +312,6 @@ class Slots:
     cache_len: int
     step_fn: Callable = decode_step
     static: bool = False  # compiled step: every slot every step, kv_len rounded up to a multiple of 256
-    queue: list[tuple[int, int]] = field(init=False)
-    prefilled: dict[int, tuple[KVCache, int, torch.Tensor]] = field(init=False)  # prompt -> side cache, row, logits
 
     def __post_init__(self):
         R, M, dev = self.rows, self.sampling.max_new_tokens, self.model.embed_tokens.weight.device
@@ -326,7 +325,7 @@ class Slots:
         self.host_ngen = [0] * R
         self.queue = [(p, j) for p in range(len(self.prompts)) for j in range(self.n)][::-1]  # pop() = next pair
         self.to_admit = [self.n] * len(self.prompts)  # samples of each prompt not yet in a slot
-        self.prefilled = {}
+        self.prefilled: dict[int, tuple[KVCache, int, torch.Tensor]] = {}  # prompt -> side cache, its row, logits
 
     @property
     def busy(self) -> list[int]:
@@ -429,12 +428,13 @@ class Slots:
         self.pos[fin_t], self.cur[fin_t] = 0, 0
         return out
 
-    def compact(self):
+    def compact(self) -> int:
         """With the queue empty and half the decoded slots idle, move the busy rows to slots 0 .. n-1 (their cache
-        rows up to the longest position, and their state), so later steps decode n slots instead of busy[-1] + 1."""
+        rows up to the longest position, and their state), so later steps decode n slots instead of busy[-1] + 1.
+        -> the number of slots decoded before (0 when nothing moved)."""
         busy = self.busy
         if self.queue or self.static or not busy or 2 * len(busy) > busy[-1] + 1:
-            return
+            return 0
         src = torch.tensor(busy, device=self.device)
         dst = torch.arange(len(busy), device=self.device)
         S = max(len(self.prompts[self.occupant[s][0]]) + self.host_ngen[s] for s in busy)
@@ -447,6 +447,7 @@ class Slots:
         self.pos[len(busy):] = 0
         self.occupant = [self.occupant[s] for s in busy] + [None] * (self.rows - len(busy))
         self.host_ngen = [self.host_ngen[s] for s in busy] + [0] * (self.rows - len(busy))
+        return busy[-1] + 1
 
 
 @torch.no_grad()
