@@ -14,8 +14,10 @@ The matmul floor is what the decode cannot go below on a CPU: the time of the mo
 projection of every layer plus the output projection, F.linear on the same weights) at the same number of rows,
 once per generated token, plus the prefill's linear layers over the prompts' tokens:
     floor = max_new_tokens * t_linears(rows) + t_linears(prompt tokens);  "of floor" = floor / ours.
-HF, ours and the floor run alternately, `--repeats` times after a warm-up; the table gives median times and the
-median of the per-round ratios (the machine may be shared: ratios taken within a round cancel its load).
+HF, ours and the floor run alternately, `--repeats` times after a warm-up; the table gives median wall times and the
+median of the per-round ratios (the machine may be shared: ratios taken within a round cancel its load), and the same
+ratios in CPU seconds of the process (time.process_time), which on a shared machine leave out time spent descheduled
+(with one thread they measure the work; with more they also count OpenMP spin-waits).
 
 On CUDA also batch-1 decode bandwidth: the time of one decode step is the difference between a long and a short
 generation divided by the extra tokens (prefill cancels); each step reads every weight once plus the KV cache so far:
@@ -117,6 +119,12 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def timed_cpu(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a shared CPU the second excludes time spent descheduled."""
+    c = time.process_time()
+    return timed(fn), time.process_time() - c
+
+
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up: allocator, kernels, torch.compile
     return statistics.median(timed(fn) for _ in range(repeats))
@@ -198,16 +206,21 @@ def bench_config(name: str) -> tuple[list[list], str]:
                 for fn in fns.values():
                     fn()  # warm-up
                 times = {k: [] for k in fns}
+                cpu = {k: [] for k in fns}
                 for _ in range(args.repeats):  # alternating: a load spike hits the three alike
                     for k, fn in fns.items():
-                        times[k].append(timed(fn))
+                        wall, c = timed_cpu(fn)
+                        times[k].append(wall)
+                        cpu[k].append(c)
                 med = {k: statistics.median(v) for k, v in times.items()}
-                vs_hf = statistics.median(h / o for h, o in zip(times["hf"], times["ours"]))
-                of_floor = statistics.median(f / o for f, o in zip(times["floor"], times["ours"]))
+
+                def ratio(t, a, b):
+                    return statistics.median(x / y for x, y in zip(t[a], t[b]))
                 tokens = R * new
                 row = [name, "sampled" if sampled else "greedy", n, R, new, f"{tokens / med['hf']:,.0f}",
-                       f"{tokens / med['ours']:,.0f}", f"{tokens / med['floor']:,.0f}", f"{vs_hf:.2f}x",
-                       f"{of_floor:.0%}"]
+                       f"{tokens / med['ours']:,.0f}", f"{tokens / med['floor']:,.0f}",
+                       f"{ratio(times, 'hf', 'ours'):.2f}x", f"{ratio(times, 'floor', 'ours'):.0%}",
+                       f"{ratio(cpu, 'hf', 'ours'):.2f}x", f"{ratio(cpu, 'floor', 'ours'):.0%}"]
                 rows.append(row)
                 print(" | ".join(map(str, row)), flush=True)
 
@@ -226,7 +239,7 @@ def bench_config(name: str) -> tuple[list[list], str]:
 
 all_rows, descs = [], []
 header = ["model", "mode", "n", "rows", "new tokens", "HF tok/s", "ours tok/s", "floor tok/s", "ours / HF",
-          "of floor"]
+          "of floor", "ours / HF (CPU s)", "of floor (CPU s)"]
 print(" | ".join(header))
 for name in args.config:
     r, d = bench_config(name)
