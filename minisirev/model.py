@@ -214,6 +214,11 @@ class Attention(nn.Module):
             if T <= 16:
                 return flash_decode(q, k, v, kv_lens, window=self.window, sm_scale=self.scale)
             return flash_attention(q, k, v, causal=True, window=self.window, sm_scale=self.scale, kv_lens=kv_lens)
+        if backend == "sdpa" and T == 1:  # decode: the G query heads of a KV head as G query rows, K read once
+            B, KVH = q.shape[0], self.n_kv_heads
+            y = F.scaled_dot_product_attention(q.view(B, KVH, -1, self.head_dim), k, v, attn_mask=at.mask,
+                                               scale=self.scale)  # B, KVH, G, D
+            return y.view(q.shape)
         if backend == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, scale=self.scale,
                                                   enable_gqa=self.n_heads != self.n_kv_heads)
