@@ -1,13 +1,23 @@
-"""Sampler throughput: minisirev.sampler.generate against Hugging Face `generate` on the same random checkpoint.
+"""Sampler throughput: minisirev.sampler.generate against Hugging Face `generate` and against the matmul floor, on
+the same checkpoint.
 
-    python bench/sampler.py                       # CPU: the tiny preset; writes bench/results/sampler_<device>.md
+    python bench/sampler.py                       # CPU: the shipped base model and a ~10M one; 2 threads
     python bench/sampler.py --config llama-1b --dtype bfloat16 --device cuda
 
 Both sides get the same prompts (ragged lengths), the same n, the same max_new_tokens and the same batch: HF runs all
-prompts x n rows in one `generate` call (left-padded, num_return_sequences=n); ours gets max_batch_rows = prompts x n.
-Stopping is switched off on both sides (no EOS) so both produce exactly rows x max_new_tokens tokens:
-    tokens/s = rows * max_new_tokens / median wall time (prefill included).
+prompts x n rows in one `generate` call (left-padded, each prompt repeated n times); ours gets max_batch_rows =
+prompts x n. Stopping is switched off on both sides (no EOS) so both produce exactly rows x max_new_tokens tokens:
+    tokens/s = rows * max_new_tokens / wall time (prefill included).
 Greedy outputs of the two are compared token by token as a sanity check ("agree").
+
+The matmul floor is what the decode cannot go below on a CPU: the time of the model's linear layers alone (every
+projection of every layer plus the output projection, F.linear on the same weights) at the same number of rows,
+once per generated token, plus the prefill's linear layers over the prompts' tokens:
+    floor = max_new_tokens * t_linears(rows) + t_linears(prompt tokens);  "of floor" = floor / ours.
+HF, ours and the floor run alternately, `--repeats` times after a warm-up; the table gives median wall times and the
+median of the per-round ratios (the machine may be shared: ratios taken within a round cancel its load), and the same
+ratios in CPU seconds of the process (time.process_time), which on a shared machine leave out time spent descheduled
+(with one thread they measure the work; with more they also count OpenMP spin-waits).
 
 On CUDA also batch-1 decode bandwidth: the time of one decode step is the difference between a long and a short
 generation divided by the extra tokens (prefill cancels); each step reads every weight once plus the KV cache so far:
@@ -18,6 +28,7 @@ reported as a fraction of the GPU's datasheet peak (table below) and of a measur
 """
 
 import argparse
+import os
 import platform
 import re
 import statistics
@@ -27,11 +38,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minisirev.checkpoint import save_model  # noqa: E402
+from minisirev.checkpoint import load_model, save_model  # noqa: E402
 from minisirev.config import ModelConfig  # noqa: E402
 from minisirev.model import Transformer  # noqa: E402
 from minisirev.sampler import generate  # noqa: E402
@@ -40,7 +52,13 @@ from minisirev.sampler import generate  # noqa: E402
 PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
                   ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 864e9),
                   ("A10G", 600e9), ("L4", 300e9)]
+BASE_MODEL = ROOT / "data" / "base_model"
 CONFIGS = {
+    # the shipped default model (its trained weights: realistic next-token distributions for top-p)
+    "base": None,
+    # a ~10M-parameter Llama with the default's tokenizer, random weights (init std 0.02: near-flat distributions)
+    "10m": dict(vocab_size=398, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=512,
+                tie_embeddings=True, bos_id=1, eos_id=2, pad_id=0),
     "tiny": dict(ModelConfig.from_preset("tiny").to_dict()),
     # a Llama-shaped ~1.2B model: big enough that batch-1 decode on a GPU is bound by memory bandwidth
     "llama-1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
@@ -49,27 +67,31 @@ CONFIGS = {
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 # ---- model
-parser.add_argument("--config", default="tiny", choices=list(CONFIGS), help="model shape (random weights)")
+parser.add_argument("--config", nargs="+", default=["base", "10m"], choices=list(CONFIGS),
+                    help="models, one table block each: base = data/base_model's weights, the others random")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
 parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on CUDA, fp32 on CPU)")
 parser.add_argument("--attn", default=None, help="our attention backend (default: Transformer.default_attn)")
-parser.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
+parser.add_argument("--compile", default=None, choices=["on", "off"],
+                    help="our decode step compiled or not (default: generate's own choice, compiled on CUDA only)")
 # ---- workload
-parser.add_argument("--prompts", type=int, default=8, help="prompts per batch")
+parser.add_argument("--prompts", type=int, default=32, help="prompts per batch")
 parser.add_argument("--min-len", type=int, default=16, help="shortest prompt")
 parser.add_argument("--max-len", type=int, default=64, help="longest prompt")
-parser.add_argument("--n", type=int, nargs="+", default=[1, 4], help="samples per prompt (one table row each)")
-parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per row")
-parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median); one warm-up run before")
-parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+parser.add_argument("--n", type=int, nargs="+", default=[8], help="samples per prompt (one table row each)")
+parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[64, 128], help="tokens generated per row")
+parser.add_argument("--top-p", type=float, default=0.95, help="top-p of the sampled rows (temperature 1, no top-k)")
+parser.add_argument("--repeats", type=int, default=3, help="alternating timed rounds per case; one warm-up before")
+parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 # ---- output
 parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for sampler_<device>.md")
+parser.add_argument("--note", default="", help="a line added to the results file (e.g. how loaded the machine was)")
 args = parser.parse_args()
 
-if args.threads:
-    torch.set_num_threads(args.threads)
+torch.set_num_threads(args.threads)
 device = torch.device(args.device)
 dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+compile = None if args.compile is None else args.compile == "on"
 
 
 def device_name() -> str:
@@ -89,86 +111,150 @@ def sync():
         torch.cuda.synchronize(device)
 
 
+def timed(fn) -> float:
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def timed_cpu(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a shared CPU the second excludes time spent descheduled."""
+    c = time.process_time()
+    return timed(fn), time.process_time() - c
+
+
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up: allocator, kernels, torch.compile
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(timed(fn) for _ in range(repeats))
 
 
-# ---- the same random checkpoint on both sides ------------------------------------------------------------------
 import transformers  # noqa: E402
 
-cfg = ModelConfig(**CONFIGS[args.config])
-ours = Transformer(cfg).init_weights(seed=0)
-with tempfile.TemporaryDirectory() as tmp:
-    save_model(ours, tmp)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", dtype=dtype)
-hf = hf.to(device).eval()
-hf.generation_config.eos_token_id = None  # fixed-length rows on both sides
-hf.generation_config.pad_token_id = 0
-ours = ours.to(device=device, dtype=dtype).eval()
-ours.attn = args.attn or Transformer.default_attn(device)
 
-g = torch.Generator().manual_seed(0)
-lens = torch.randint(args.min_len, args.max_len + 1, (args.prompts,), generator=g).tolist()
-prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
-T = max(lens)
-hf_ids = torch.zeros(len(prompts), T, dtype=torch.long)  # left-padded for HF
-hf_mask = torch.zeros(len(prompts), T, dtype=torch.long)
-for i, p in enumerate(prompts):
-    hf_ids[i, T - len(p):] = torch.tensor(p)
-    hf_mask[i, T - len(p):] = 1
-hf_ids, hf_mask = hf_ids.to(device), hf_mask.to(device)
+def load_pair(name: str):
+    """(ours, HF) with the same weights: the shipped checkpoint, or a random one saved and reloaded."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if CONFIGS[name] is None:
+            src = BASE_MODEL
+            ours = load_model(src)
+        else:
+            ours = Transformer(ModelConfig(**CONFIGS[name])).init_weights(seed=0)
+            save_model(ours, tmp)
+            src = tmp
+        hf = transformers.AutoModelForCausalLM.from_pretrained(src, attn_implementation="sdpa", dtype=dtype)
+    hf = hf.to(device).eval()
+    hf.generation_config.eos_token_id = None  # fixed-length rows on both sides
+    hf.generation_config.pad_token_id = 0
+    ours = ours.to(device=device, dtype=dtype).eval()
+    ours.attn = args.attn or Transformer.default_attn(device)
+    return ours, hf
 
 
-def run_hf(n: int, sampled: bool):
-    # each prompt repeated n times (what num_return_sequences does inside HF, which refuses it for greedy)
-    with torch.no_grad():
-        return hf.generate(input_ids=hf_ids.repeat_interleave(n, 0), attention_mask=hf_mask.repeat_interleave(n, 0),
-                           max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=sampled,
-                           temperature=1.0 if sampled else None, top_p=0.95 if sampled else None,
-                           top_k=50 if sampled else None)
+def linears_fn(model: Transformer, tokens: int):
+    """A function running every linear layer of `model` once on `tokens` rows of random input (the floor)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.output_weight]
+    xs = {w.shape[1]: torch.randn(tokens, w.shape[1], device=device, dtype=dtype) for w in weights}
+
+    def run():
+        with torch.no_grad():
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+    return run
 
 
-def run_ours(n: int, sampled: bool, compile: bool = False):
-    return generate(ours, prompts, n=n, max_new_tokens=args.max_new_tokens, temperature=1.0 if sampled else 0.0,
-                    top_p=0.95, top_k=50, stop_ids=(), max_batch_rows=len(prompts) * n, compile=compile)
+def bench_config(name: str) -> tuple[list[list], str]:
+    ours, hf = load_pair(name)
+    cfg = ours.config
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(args.min_len, args.max_len + 1, (args.prompts,), generator=g).tolist()
+    prompts = [[1] + torch.randint(3, cfg.vocab_size, (n - 1,), generator=g).tolist() for n in lens]
+    T = max(lens)
+    hf_ids = torch.zeros(len(prompts), T, dtype=torch.long)  # left-padded for HF
+    hf_mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        hf_ids[i, T - len(p):] = torch.tensor(p)
+        hf_mask[i, T - len(p):] = 1
+    hf_ids, hf_mask = hf_ids.to(device), hf_mask.to(device)
+
+    def run_hf(n: int, new: int, sampled: bool):
+        with torch.no_grad():
+            return hf.generate(input_ids=hf_ids.repeat_interleave(n, 0), attention_mask=hf_mask.repeat_interleave(n, 0),
+                               max_new_tokens=new, min_new_tokens=new, do_sample=sampled,
+                               temperature=1.0 if sampled else None, top_p=args.top_p if sampled else None,
+                               top_k=0 if sampled else None)
+
+    def run_ours(n: int, new: int, sampled: bool):
+        return generate(ours, prompts, n=n, max_new_tokens=new, temperature=1.0 if sampled else 0.0,
+                        top_p=args.top_p, stop_ids=(), max_batch_rows=len(prompts) * n, compile=compile)
+
+    rows = []
+    for new in args.max_new_tokens:
+        for n in args.n:
+            R = len(prompts) * n
+            step_linears, prefill_linears = linears_fn(ours, R), linears_fn(ours, sum(lens))
+
+            def floor():
+                prefill_linears()
+                for _ in range(new):
+                    step_linears()
+
+            for sampled in (False, True):
+                fns = {"hf": lambda: run_hf(n, new, sampled), "ours": lambda: run_ours(n, new, sampled),
+                       "floor": floor}
+                for fn in fns.values():
+                    fn()  # warm-up
+                times = {k: [] for k in fns}
+                cpu = {k: [] for k in fns}
+                for _ in range(args.repeats):  # alternating: a load spike hits the three alike
+                    for k, fn in fns.items():
+                        wall, c = timed_cpu(fn)
+                        times[k].append(wall)
+                        cpu[k].append(c)
+                med = {k: statistics.median(v) for k, v in times.items()}
+
+                def ratio(t, a, b):
+                    return statistics.median(x / y for x, y in zip(t[a], t[b]))
+                tokens = R * new
+                row = [name, "sampled" if sampled else "greedy", n, R, new, f"{tokens / med['hf']:,.0f}",
+                       f"{tokens / med['ours']:,.0f}", f"{tokens / med['floor']:,.0f}",
+                       f"{ratio(times, 'hf', 'ours'):.2f}x", f"{ratio(times, 'floor', 'ours'):.0%}",
+                       f"{ratio(cpu, 'hf', 'ours'):.2f}x", f"{ratio(cpu, 'floor', 'ours'):.0%}"]
+                rows.append(row)
+                print(" | ".join(map(str, row)), flush=True)
+
+    # greedy agreement: same checkpoint, so the same tokens up to near-ties
+    new = args.max_new_tokens[0]
+    hf_out = run_hf(1, new, False)[:, T:].tolist()
+    our_out = [o[0] for o in run_ours(1, new, False)]
+    agree = sum(a == b for x, y in zip(hf_out, our_out) for a, b in zip(x, y)) / (len(prompts) * new)
+    desc = (f"`{name}`: {ours.num_params() / 1e6:.2f}M parameters "
+            f"({'data/base_model, trained' if CONFIGS[name] is None else 'random, init std 0.02'}), "
+            f"{len(prompts)} prompts of {min(lens)}-{max(lens)} tokens; greedy agreement with HF {agree:.1%} "
+            f"of tokens")
+    bench_config.last = (ours, cfg, prompts)
+    return rows, desc
 
 
-rows = []
-header = ["mode", "n", "rows", "HF tok/s", "ours tok/s", "ours / HF"] + (["compiled tok/s"] if args.compile else [])
-for n in args.n:
-    for sampled in (False, True):
-        tokens = len(prompts) * n * args.max_new_tokens
-        t_hf = median_time(lambda: run_hf(n, sampled), args.repeats)
-        t_ours = median_time(lambda: run_ours(n, sampled), args.repeats)
-        row = ["sampled" if sampled else "greedy", n, len(prompts) * n, f"{tokens / t_hf:,.0f}",
-               f"{tokens / t_ours:,.0f}", f"{t_hf / t_ours:.2f}x"]
-        if args.compile:
-            row.append(f"{tokens / median_time(lambda: run_ours(n, sampled, True), args.repeats):,.0f}")
-        rows.append(row)
-        print(" | ".join(map(str, row)), flush=True)
-
-# greedy agreement: same checkpoint, so the same tokens up to near-ties (bf16 rounding differs between the two)
-hf_out = run_hf(1, False)[:, T:].tolist()
-our_out = [o[0] for o in run_ours(1, False)]
-agree = sum(a == b for x, y in zip(hf_out, our_out) for a, b in zip(x, y)) / (len(prompts) * args.max_new_tokens)
-first_diff = [next((t for t, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(hf_out, our_out)]
+all_rows, descs = [], []
+header = ["model", "mode", "n", "rows", "new tokens", "HF tok/s", "ours tok/s", "floor tok/s", "ours / HF",
+          "of floor", "ours / HF (CPU s)", "of floor (CPU s)"]
+print(" | ".join(header))
+for name in args.config:
+    r, d = bench_config(name)
+    all_rows += r
+    descs.append(d)
 
 # ---- batch-1 decode bandwidth (GPU) ---------------------------------------------------------------------------
 bw_lines = []
 if device.type == "cuda":
+    ours, cfg, prompts = bench_config.last
     short, long = 32, 544
     one = [prompts[0]]
 
     def decode(k):
-        return lambda: generate(ours, one, max_new_tokens=k, stop_ids=(), sync_every=64)
+        return lambda: generate(ours, one, max_new_tokens=k, stop_ids=(), sync_every=64, compile=compile)
 
     t_tok = (median_time(decode(long), args.repeats) - median_time(decode(short), args.repeats)) / (long - short)
     param_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
@@ -182,7 +268,7 @@ if device.type == "cuda":
     t_copy = median_time(lambda: y.copy_(x), 10)
     copy_bw = 2 * x.numel() / t_copy
     bw_lines = [
-        f"batch-1 decode ({args.config}, {dtype}, attn={ours.attn}): {t_tok * 1e3:.3f} ms/token, "
+        f"batch-1 decode ({args.config[-1]}, {dtype}, attn={ours.attn}): {t_tok * 1e3:.3f} ms/token, "
         f"{(param_bytes + kv_bytes) / 1e9:.3f} GB/token -> {achieved / 1e9:,.0f} GB/s",
         f"  = {achieved / copy_bw:.0%} of a measured 1 GiB device copy ({copy_bw / 1e9:,.0f} GB/s)"
         + (f", {achieved / peak:.0%} of the datasheet peak ({peak / 1e9:,.0f} GB/s)" if peak else
@@ -200,19 +286,19 @@ lines = [
     f"`python bench/sampler.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
     "",
     f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}"
-    + (f" ({threads} threads, load average {' '.join(f'{v:.1f}' for v in __import__('os').getloadavg())})"
+    + (f" ({threads} threads, load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())})"
        if threads else ""),
-    f"config `{args.config}` ({ours.num_params() / 1e6:.1f}M parameters), {dtype}, our attention `{ours.attn}`, "
-    f"HF attention `sdpa`; {len(prompts)} prompts of {min(lens)}-{max(lens)} tokens, {args.max_new_tokens} new "
-    f"tokens per row, no EOS; sampled = temperature 1, top-k 50, top-p 0.95; median of {args.repeats} runs "
-    "after a warm-up, prefill included.",
+    f"{dtype}, our attention `{Transformer.default_attn(device) if args.attn is None else args.attn}`, HF attention "
+    f"`sdpa`; no EOS; sampled = temperature 1, top-p {args.top_p}, no top-k (both sides); median of "
+    f"{args.repeats} alternating rounds after a warm-up, prefill included; ratios are medians of per-round ratios.",
+    *[f"- {d}" for d in descs],
     "",
     "| " + " | ".join(header) + " |",
     "|" + "---|" * len(header),
-    *["| " + " | ".join(map(str, r)) + " |" for r in rows],
-    "",
-    f"Greedy agreement with HF: {agree:.1%} of tokens (first differing step per prompt: {first_diff}).",
+    *["| " + " | ".join(map(str, r)) + " |" for r in all_rows],
 ]
+if args.note:
+    lines += ["", args.note]
 if bw_lines:
     lines += ["", *bw_lines]
 out = Path(args.out)

@@ -12,6 +12,7 @@ Shape alphabet, used in every comment below:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -57,19 +58,20 @@ def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor):
-    """positions [B, T] -> cos, sin [B, 1, T, D] in fp32 (halves duplicated: the rotate-half layout of HF)."""
-    freqs = positions.float()[..., None] * inv_freq  # B, T, D/2
-    emb = torch.cat([freqs, freqs], dim=-1)  # B, T, D
-    return emb.cos()[:, None], emb.sin()[:, None]
+def rope_tables(config: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, D/2] in fp32: cos(p * inv_freq_i), sin(p * inv_freq_i) for positions p < length.
+    The same products and the same cos/sin as transformers' rotary embedding, so a row of the table equals what
+    it computes for that position."""
+    freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * rope_inv_freq(config, device)
+    return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by angle pos * inv_freq_i, in fp32, cast back. x [B, H, T, D]."""
+    """Rotate pairs (x_i, x_{i+D/2}) by angle pos * inv_freq_i (the rotate-half layout of HF), in fp32, cast back.
+    x [B, H, T, D]; cos, sin [B or 1, 1, T, D/2]."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 # ---- KV cache -------------------------------------------------------------------------------------------------
@@ -89,24 +91,35 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
 
-    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """k, v [B, KVH, T, D] go to positions pos[b] + t of row b."""
-        B, KVH, T, D = k.shape
-        idx = (pos[:, None] + torch.arange(T, device=pos.device))[:, None, :, None].expand(B, KVH, T, D)
-        self.k[layer, :B].scatter_(2, idx, k)
-        self.v[layer, :B].scatter_(2, idx, v)
+    def write_index(self, pos: torch.Tensor, T: int) -> torch.Tensor:
+        """[B * KVH * T]: where keys [B, KVH, T, D] go in one layer's cache viewed as [B_cache * KVH * S_max, D]
+        (row b, head h, position pos[b] + t). The same for every layer, so a forward call computes it once."""
+        KVH = self.k.shape[2]
+        B = pos.shape[0]
+        row_head = torch.arange(B * KVH, device=pos.device).view(B, KVH, 1) * self.max_len  # B, KVH, 1
+        return (row_head + (pos[:, None, None] + torch.arange(T, device=pos.device))).flatten()  # B*KVH*T
 
-    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor):
-        """Row dst[i] becomes a copy of row src[i] (fan a prefilled prompt out to its n samples)."""
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+    def write(self, layer: int, index: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor):
+        """k, v [B, KVH, T, D] go to the positions `index` (write_index) names; index None: positions 0 .. T-1
+        of rows 0 .. B-1 (a prefill from position 0, a plain slice copy)."""
+        B, KVH, T, D = k.shape
+        if index is None:
+            self.k[layer, :B, :, :T] = k
+            self.v[layer, :B, :, :T] = v
+        else:  # one contiguous D-vector per (row, head, position): a row copy, not an elementwise scatter
+            self.k[layer].view(-1, D).index_copy_(0, index, k.reshape(-1, D))
+            self.v[layer].view(-1, D).index_copy_(0, index, v.reshape(-1, D))
 
 
 # ---- attention ------------------------------------------------------------------------------------------------
+# The masks here are stated in absolute positions (query at position i, key index j = position j), the convention
+# of this KV cache. kernels/attention.py states its twin in per-row key counts instead (kv_lens, queries aligned to
+# the last kv_lens keys); the two agree when kv_lens = pos + T.
 
 def attention_mask(q_pos: torch.Tensor, S: int, window: int | None) -> torch.Tensor:
-    """Boolean [B, 1, T, S]: query at absolute position i sees key j iff j <= i and (no window or i - j < window).
-    The window counts the query's own token, as transformers' Mistral does (`kv_idx > q_idx - sliding_window`)."""
+    """Boolean [B, 1, T, S] from absolute query positions q_pos [B, T]: the query at position i sees key j iff
+    j <= i and (no window or i - j < window). The window counts the query's own token, as transformers' Mistral
+    does (`kv_idx > q_idx - sliding_window`)."""
     j = torch.arange(S, device=q_pos.device)
     i = q_pos[:, None, :, None]  # B, 1, T, 1
     allowed = j <= i
@@ -117,8 +130,8 @@ def attention_mask(q_pos: torch.Tensor, S: int, window: int | None) -> torch.Ten
 
 def attention_ref(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """The teaching path: softmax(q k^T * scale + mask) v with scores in fp32.
-    q [B, H, T, D], k and v [B, KVH, S, D], mask [B, 1, T, S] bool. GQA by viewing the G query heads of each KV
-    head as extra rows, so K and V are never repeated in memory."""
+    q [B, H, T, D], k and v [B, KVH, S, D], mask [B or 1, 1, T, S] bool (attention_mask's, absolute positions).
+    GQA by viewing the G query heads of each KV head as extra rows, so K and V are never repeated in memory."""
     B, H, T, D = q.shape
     KVH, S = k.shape[1], k.shape[2]
     G = H // KVH
@@ -128,6 +141,23 @@ def attention_ref(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees no key (padding) gives 0, not NaN
     out = probs.view(B, KVH, G * T, S) @ v.float()  # B, KVH, G*T, D
     return out.view(B, H, T, D).to(q.dtype)
+
+
+@dataclass
+class Positions:
+    """What every layer of one forward call shares, computed once per call (not once per layer).
+
+    cos, sin [B or 1, 1, T, D/2]: the RoPE angles of the call's tokens.
+    pos [B] or None: the position of each row's first token; None means every row starts at 0.
+    mask [B or 1, 1, T, S] bool or None: attention_mask for the sdpa / ref backends (None: plain causal).
+    write_index [B * KVH * T] or None: KVCache.write_index (None: rows start at 0, a slice write).
+    kv_len: the cache keys read, 0 .. kv_len - 1."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    pos: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    write_index: torch.Tensor | None = None
+    kv_len: int = 0
 
 
 class Attention(nn.Module):
@@ -142,53 +172,57 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, *, backend: str, pos: torch.Tensor, cache: KVCache | None, kv_len: int | None):
+    def forward(self, x, at: Positions, *, backend: str, cache: KVCache | None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # B, H, T, D
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # B, KVH, T, D
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # B, KVH, T, D
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, at.cos, at.sin), apply_rope(k, at.cos, at.sin)
 
-        if cache is None:
-            y = self._attend_full(q, k, v, backend)
+        if cache is not None:
+            cache.write(self.layer_idx, at.write_index, k, v)
+        if at.pos is None:  # no cache, or a prefill from position 0: the T tokens see each other only
+            y = self._attend_full(q, k, v, backend, at.mask)
         else:
-            cache.write(self.layer_idx, pos, k, v)
-            S = kv_len or cache.max_len
+            S = at.kv_len
             k, v = cache.k[self.layer_idx, :B, :, :S], cache.v[self.layer_idx, :B, :, :S]  # B, KVH, S, D
-            y = self._attend_cache(q, k, v, pos, backend)
+            y = self._attend_cache(q, k, v, at, backend)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # B, T, H*D
         return self.o_proj(y)
 
-    def _attend_full(self, q, k, v, backend):
-        """Self-attention over the T tokens of this call (training, scoring): plain causal (+ window)."""
+    def _attend_full(self, q, k, v, backend, mask):
+        """Self-attention over the T tokens of this call (training, scoring, prefill): causal (+ window)."""
+        gqa = self.n_heads != self.n_kv_heads
         if backend == "triton":
             from kernels.attention import flash_attention
             return flash_attention(q, k, v, causal=True, window=self.window, sm_scale=self.scale)
-        if backend == "sdpa" and self.window is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                                  enable_gqa=self.n_heads != self.n_kv_heads)
-        T = q.shape[2]
-        mask = attention_mask(torch.arange(T, device=q.device)[None], T, self.window)  # 1, 1, T, T
+        if backend == "sdpa" and mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         if backend == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                                  enable_gqa=self.n_heads != self.n_kv_heads)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        if mask is None:
+            T = q.shape[2]
+            mask = attention_mask(torch.arange(T, device=q.device)[None], T, None)
         return attention_ref(q, k, v, mask, self.scale)
 
-    def _attend_cache(self, q, k, v, pos, backend):
+    def _attend_cache(self, q, k, v, at: Positions, backend):
         """Queries at positions pos[b] + t against the cache row's keys 0 .. S-1 (key index = position)."""
-        T, S = q.shape[2], k.shape[2]
+        T = q.shape[2]
         if backend == "triton":
             from kernels.attention import flash_attention, flash_decode
-            kv_lens = pos + T
+            kv_lens = at.pos + T
             if T <= 16:
                 return flash_decode(q, k, v, kv_lens, window=self.window, sm_scale=self.scale)
             return flash_attention(q, k, v, causal=True, window=self.window, sm_scale=self.scale, kv_lens=kv_lens)
-        q_pos = pos[:, None] + torch.arange(T, device=q.device)  # B, T
-        mask = attention_mask(q_pos, S, self.window)  # B, 1, T, S
+        if backend == "sdpa" and T == 1:  # decode: the G query heads of a KV head as G query rows, K read once
+            B, KVH = q.shape[0], self.n_kv_heads
+            y = F.scaled_dot_product_attention(q.view(B, KVH, -1, self.head_dim), k, v, attn_mask=at.mask,
+                                               scale=self.scale)  # B, KVH, G, D
+            return y.view(q.shape)
         if backend == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, scale=self.scale,
                                                   enable_gqa=self.n_heads != self.n_kv_heads)
-        return attention_ref(q, k, v, mask, self.scale)
+        return attention_ref(q, k, v, at.mask, self.scale)
 
 
 # ---- feed-forward, block, model -------------------------------------------------------------------------------
@@ -214,8 +248,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, **attn_kwargs):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, **attn_kwargs)
+    def forward(self, x, at: Positions, **attn_kwargs):
+        x = x + self.self_attn(self.input_layernorm(x), at, **attn_kwargs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -267,24 +301,49 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
+    def rope(self, positions: torch.Tensor, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] (all < max_pos) -> cos, sin [B, 1, T, D/2], looked up in a table built once per device
+        and grown to the next power of two when a longer sequence comes (not a buffer: it stays fp32 and out of
+        the state dict)."""
+        table = getattr(self, "_rope_table", None)
+        if table is None or table[0].device != positions.device or table[0].shape[0] < max_pos:
+            self._rope_table = table = rope_tables(self.config, max(256, 1 << (max_pos - 1).bit_length()),
+                                                   positions.device)
+        return table[0][positions][:, None], table[1][positions][:, None]
+
+    def positions(self, B: int, T: int, device, pos: torch.Tensor | None, cache: KVCache | None,
+                  kv_len: int | None) -> Positions:
+        """The per-call attention inputs (see Positions) for tokens [B, T] starting at pos (see hidden)."""
+        window = self.config.sliding_window
+        if pos is None:  # every row from position 0: causal over the call's own tokens (+ window)
+            cos, sin = self.rope(torch.arange(T, device=device)[None], T)
+            needs_mask = window is not None or self.attn == "ref"
+            mask = attention_mask(torch.arange(T, device=device)[None], T, window) if needs_mask else None
+            return Positions(cos, sin, mask=mask if self.attn != "triton" else None)
+        if cache is None:
+            raise ValueError("pos without a cache: positions only mean something against a KV cache")
+        S = kv_len or cache.max_len
+        q_pos = pos[:, None] + torch.arange(T, device=device)  # B, T
+        cos, sin = self.rope(q_pos, cache.max_len)
+        mask = attention_mask(q_pos, S, window) if self.attn != "triton" else None  # B, 1, T, S
+        return Positions(cos, sin, pos=pos, mask=mask, write_index=cache.write_index(pos, T), kv_len=S)
+
     def hidden(self, tokens, *, pos=None, cache: KVCache | None = None, kv_len: int | None = None):
         """tokens [B, T] -> final normed hidden states [B, T, C].
 
-        pos: LongTensor [B], the absolute position of tokens[:, 0] in each row (default 0). With a cache, the new
-        keys are written there and each row attends to its own keys 0 .. pos[b] + t; kv_len (a host int, at most
-        the cache length) bounds the keys read so a short cache row does not cost S_max."""
+        pos: LongTensor [B], the absolute position of tokens[:, 0] in each row, with a cache: the new keys are
+        written there and each row attends to its own keys 0 .. pos[b] + t; kv_len (a host int, at most the cache
+        length) bounds the keys read so a short cache row does not cost S_max. pos None: every row starts at
+        position 0 (training, scoring, a right-padded prefill into cache rows 0 .. B-1)."""
         B, T = tokens.shape
-        if pos is None:
-            pos = torch.zeros(B, dtype=torch.long, device=tokens.device)
-        positions = pos[:, None] + torch.arange(T, device=tokens.device)  # B, T
-        cos, sin = rope_cos_sin(rope_inv_freq(self.config, tokens.device), positions)
+        at = self.positions(B, T, tokens.device, pos, cache, kv_len)
         x = self.embed_tokens(tokens)  # B, T, C
-        attn_kwargs = dict(backend=self.attn, pos=pos, cache=cache, kv_len=kv_len)
+        attn_kwargs = dict(backend=self.attn, cache=cache)
         for block in self.layers:
             if self.checkpoint_blocks and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False, **attn_kwargs)
+                x = torch.utils.checkpoint.checkpoint(block, x, at, use_reentrant=False, **attn_kwargs)
             else:
-                x = block(x, cos, sin, **attn_kwargs)
+                x = block(x, at, **attn_kwargs)
         return self.norm(x)
 
     def forward(self, tokens, *, pos=None, cache: KVCache | None = None, kv_len: int | None = None):

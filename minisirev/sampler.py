@@ -1,12 +1,15 @@
 """Batched KV-cache sampler: N completions per prompt, ragged prompts, continuous slot refill.
 
-The pieces are small functions (gpt-fast `generate.py`, nanochat `engine.py`):
-    logits_to_probs   temperature, then top-k, then top-p (the order of transformers' logits warpers)
+The pieces are small pure functions (gpt-fast `generate.py`, nanochat `engine.py`) under a small slot scheduler
+(nano-vllm's split of Sequence and Scheduler):
+    nucleus           temperature, then top-k, then top-p: the kept tokens and their probabilities, in order
+    logits_to_probs   the same as a dense [B, V] distribution
     sample            inverse-CDF draw from probs given uniforms (or a torch.Generator)
-    counter_uniform   the uniforms generate uses: a counter-based hash of (seed, key, sample index, step)
+    stream_key, uniform_from_stream   the uniforms: a counter-based hash of (seed, key, sample index, step)
     prefill           right-padded ragged prompts -> their KV cache rows and next-token logits
     decode_step       one token per slot against the preallocated cache
-    generate          the slot scheduler that ties them together
+    Slots             the scheduler's state: admit (refill free slots), step (decode), harvest (finished rows)
+    generate          validates, sizes the cache, and runs admit / step / harvest until the queue is empty
 
 How generate works. A KV cache of `rows` slots, [L, rows, KVH, S_max, D] in the model's dtype, is allocated once per
 call (S_max = longest prompt + max_new_tokens). The work is the queue of (prompt, sample) pairs, prompt-major. When
@@ -17,35 +20,41 @@ together, one token per step, each at its own position. Every `sync_every` steps
 (the one host synchronisation; stopping needs it), harvests finished rows and refills their slots. A row that
 finishes between two checks stays frozen (its position and token do not advance) until harvested, so at most
 sync_every - 1 steps of its slot are wasted; a larger sync_every wastes more slot-steps, a smaller one stalls the
-device more often. Rows that can only end by length are known to the host, so no step is wasted at the end.
+device more often. Rows that can only end by length are known to the host, so no step is wasted at the end. When
+the queue is empty and half the slots have gone idle, the busy rows move down to the first slots (a copy of their
+cache rows), so the tail of a run does not decode idle slots.
 
 Randomness. The uniform that draws token t of sample j of a prompt is a hash of (seed, key, j, t), key being the
 prompt's index (or the caller's `keys`, e.g. a question id). A draw therefore depends on nothing but those four
 numbers and the row's own probabilities: the samples of a prompt do not depend on which prompts share its batch,
 on max_batch_rows, on slot refill order or on n (sample j of n=50 is sample j of n=1), and sample.py's resumed runs
-reproduce an uninterrupted run. The probabilities themselves can move at rounding level with the batch shape (a
-matmul over B rows may block differently), which changes a draw only when its uniform falls within rounding of a
-CDF boundary. Same seed -> same samples on the same device; across devices, up to those rounding flips.
+reproduce an uninterrupted run; a distributed run that gives each worker some (key, sample) pairs reproduces a
+single-process one. The probabilities themselves can move at rounding level with the batch shape (a matmul over B
+rows may block differently), which changes a draw only when its uniform falls within rounding of a CDF boundary.
+Same seed -> same samples on the same device; across devices, up to those rounding flips.
 
-The decode step can be torch.compiled (compile=True): static shapes (every slot every step, kv_len rounded up to a
-multiple of 256, so at most S_max / 256 graphs), and on CUDA "reduce-overhead" mode, which captures it in a CUDA
-graph (the cache is marked as a static address, as transformers' StaticCache does). The plain path is the default
-and runs everywhere; sampling itself stays eager in both.
+The decode step is torch.compiled by default on CUDA (compile=None): static shapes (every slot every step, kv_len
+rounded up to a multiple of 256, so at most S_max / 256 graphs) in "reduce-overhead" mode, which captures it in a
+CUDA graph (the cache is marked as a static address, as transformers' StaticCache does). If compiling fails, generate
+warns and decodes with the plain step. The plain step is the default elsewhere: on the 2-core CPU the compile took
+minutes (more than a default run's sampling) and static shapes make every step decode every slot over a rounded-up
+cache; compile=True still asks for it (the tests check the two give the same tokens). Sampling stays eager in both.
 
 Returned token ids exclude the prompt and the stop token (EOS or any stop id) that ended a row; a row without a stop
 token has exactly max_new_tokens ids. Log-probs (return_logprobs=True) are those of the returned tokens under the
 model's raw distribution (temperature 1, no top-k/top-p), log_softmax(logits)[token]: what a full re-score of the
 sequence gives, and what SFT/DPO losses use.
 
-Shapes: R slots (rows), V vocab, A pairs admitted at once, P prompts in a prefill chunk, T their padded length,
-plus model.py's alphabet (L layers, KVH kv heads, S_max cache length, D head dim).
+Shapes: R slots (rows), V vocab, W kept-token width, A pairs admitted at once, P prompts in a prefill chunk, T their
+padded length, plus model.py's alphabet (L layers, KVH kv heads, S_max cache length, D head dim).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,50 +64,135 @@ from minisirev.model import KVCache, Transformer
 M32 = 0xFFFFFFFF
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward: bounds the side cache and activations
 CPU_MEMORY_BUDGET = 4 * 2**30  # default bytes for cache + per-row work on a CPU (on CUDA: 80% of free memory)
+NUCLEUS_PREFILTER = 1 / 64  # top-p first looks among tokens of probability >= this (at most 64 of them)
 
 
-# ---- logits -> probs -> token ---------------------------------------------------------------------------------
+# ---- logits -> kept tokens -> token ---------------------------------------------------------------------------
+
+def _compact(values: torch.Tensor, keep: torch.Tensor, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """values [B, V], keep [B, V] bool -> (values [B, W], ids [B, W]): each row's kept entries in id order, padded
+    with `fill` and id V, W the largest kept count. On CUDA, W = V and nothing moves (no host read of W)."""
+    B, V = values.shape
+    ids = torch.arange(V, device=values.device).expand(B, V)
+    if values.device.type == "cuda":
+        return values.masked_fill(~keep, fill), ids.masked_fill(~keep, V)
+    W = int(keep.sum(-1).max())
+    col = torch.where(keep, keep.cumsum(-1) - 1, W)  # B, V: a kept entry's column; the rest go to column W
+    out_v = values.new_full((B, W + 1), fill).scatter_(1, col, values)
+    out_i = ids.new_full((B, W + 1), V).scatter_(1, col, ids)
+    return out_v[:, :W], out_i[:, :W]
+
+
+def _rank_and_cut(probs: torch.Tensor, ids: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs, ids [B, W] (ids ascending in each row) -> the same in descending probability (stable: the lower id
+    first among equal ones), the probability of every token past the top-p cut set to 0."""
+    probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # B, W
+    mass_before = F.pad(probs.double().cumsum(-1)[:, :-1], (1, 0))  # B, W: exclusive cumulative sum
+    return probs.masked_fill(mass_before >= top_p, 0.0), ids.gather(-1, order)
+
+
+def nucleus(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
+            prefilter: float = NUCLEUS_PREFILTER) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (probs [B, W], ids [B, W]): the tokens kept by temperature, then top-k, then top-p (the
+    order of transformers' logits warpers) with their probabilities, in nucleus order (descending probability, the
+    lower id first among equal ones; id order when top-p is off), padded with probability 0 and id V. W <= V.
+
+    x = logits / temperature, probs = softmax(x) (over the top-k set when top-k is on).
+    top_k > 0: keep tokens whose logit is >= the k-th largest. Tokens tied with the k-th value are all kept
+        (transformers' TopKLogitsWarper rule), so ties never make the kept set depend on torch.topk's order.
+    top_p < 1: keep the smallest set of most probable tokens whose total probability reaches p: token i in nucleus
+        order is kept iff the mass strictly before it (an fp64 sum) is < p, so the token that crosses p is kept and
+        at least one token always is. top_p = 1 keeps every token.
+
+    The top-p prefilter (without top-k, on a CPU): only the tokens of probability >= prefilter are ranked. They are
+    all the tokens above a value, so their order is the start of the full order, and their fp64 sums are exact
+    (fp32 values >= 2^-29 summed below 2). When their total reaches p, the next token has mass before it >= p and
+    is dropped, so the kept set and probabilities are exactly those of ranking the whole vocabulary (prefilter=0);
+    rows whose candidates do not reach p are ranked whole. This replaces a sort of V by one of <= 1 / prefilter."""
+    x = logits.float() / temperature
+    B, V = x.shape
+    if 0 < top_k < V:
+        keep = x >= torch.topk(x, top_k, dim=-1).values[:, -1:]  # B, V
+        xs, ids = _compact(x, keep, float("-inf"))
+        probs = torch.softmax(xs, dim=-1)
+        return _rank_and_cut(probs, ids, top_p) if top_p < 1 else (probs, ids)
+    probs = torch.softmax(x, dim=-1)  # B, V
+    ids = torch.arange(V, device=x.device).expand(B, V)
+    if top_p >= 1:
+        return probs, ids
+    if prefilter <= 0 or x.device.type == "cuda":
+        return _rank_and_cut(probs, ids, top_p)
+    keep = probs >= prefilter
+    covered = (probs * keep).double().sum(-1) >= top_p  # B: the candidates reach p (an exact sum, see above)
+    if bool(covered.all()):
+        return _rank_and_cut(*_compact(probs, keep, 0.0), top_p)
+    if not bool(covered.any()):
+        return _rank_and_cut(probs, ids, top_p)
+    out_p, out_i = probs.new_zeros(B, V), ids.new_full((B, V), V)
+    rows, rest = covered.nonzero()[:, 0], (~covered).nonzero()[:, 0]
+    p_r, i_r = _rank_and_cut(*_compact(probs[rows], keep[rows], 0.0), top_p)
+    out_p[rows, :p_r.shape[1]], out_i[rows, :p_r.shape[1]] = p_r, i_r
+    out_p[rest], out_i[rest] = _rank_and_cut(probs[rest], ids[rest], top_p)
+    return out_p, out_i
+
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
                     ) -> torch.Tensor:
-    """logits [B, V] -> probs [B, V] in fp32, in transformers' order: temperature, top-k, top-p.
-
-    temperature 0: one-hot on the argmax (greedy; the first index among equal maxima).
-    top_k > 0: keep tokens whose logit is >= the k-th largest. Tokens tied with the k-th value are all kept
-        (transformers' TopKLogitsWarper rule), so ties never make the kept set depend on torch.topk's order.
-    top_p < 1: keep the smallest set of most probable tokens (after top-k) whose total probability reaches p: token
-        i in descending order is kept iff the mass strictly before it is < p, so the token that crosses p is kept
-        and at least one token always is. Among equal probabilities the lower token id comes first (stable sort).
-        top_p = 1 keeps every token. The kept probabilities are renormalised."""
-    logits = logits.float()
+    """logits [B, V] -> probs [B, V] in fp32: nucleus's kept tokens as a dense, renormalised distribution.
+    temperature 0: one-hot on the argmax (greedy; the first index among equal maxima)."""
     V = logits.shape[-1]
     if temperature == 0:
         return F.one_hot(logits.argmax(-1), V).float()
-    logits = logits / temperature
-    if 0 < top_k < V:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # B, 1
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # B, V
-        mass_before = F.pad(sorted_p.double().cumsum(-1)[..., :-1], (1, 0))  # B, V: exclusive cumulative sum
-        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    probs, ids = nucleus(logits, temperature, top_k, top_p)
+    dense = probs.new_zeros(probs.shape[0], V + 1).scatter_(1, ids, probs)[:, :V]  # column V: the padding
+    return dense / dense.sum(-1, keepdim=True)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None, *, u: torch.Tensor | None = None
            ) -> torch.Tensor:
-    """probs [B, V] (need not sum to 1) -> token ids [B]: the first token whose cumulative probability exceeds u,
-    u ~ U[0, 1) per row (inverse-CDF sampling; the CDF in fp64, normalised so its last entry is exactly 1, hence a
-    zero-probability token is never drawn). u comes from `generator` (torch.rand) unless given; generate passes
-    counter_uniform's values so that draws are independent of batch composition."""
+    """probs [B, W] (need not sum to 1) -> column indices [B]: the first column whose cumulative probability
+    exceeds u, u ~ U[0, 1) per row (inverse-CDF sampling; the CDF in fp64, normalised so its last entry is exactly
+    1, hence a zero-probability column is never drawn). u comes from `generator` (torch.rand) unless given; generate
+    passes uniform_from_stream's values so that draws are independent of batch composition. For dense probs the
+    column is the token id; for nucleus's output it indexes its ids."""
     if u is None:
         u = torch.rand(probs.shape[0], generator=generator, device=probs.device, dtype=torch.float64)
-    cdf = probs.double().cumsum(-1)  # B, V
+    cdf = probs.double().cumsum(-1)  # B, W
     cdf = cdf / cdf[..., -1:]
     return torch.searchsorted(cdf, u.double()[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
+@dataclass
+class Sampling:
+    """The settings of one generate call that every step applies."""
+    temperature: float
+    top_k: int
+    top_p: float
+    max_new_tokens: int
+    stop_ids: torch.Tensor  # [n_stop] long, on the model's device
+    return_logprobs: bool
+
+    def pick(self, logits: torch.Tensor, streams: torch.Tensor, steps: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [B, V] of rows drawing from `streams` at `steps` -> (token [B], raw log-prob [B] or None)."""
+        if self.temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            u = uniform_from_stream(streams, steps)
+            if 0 < self.top_k < logits.shape[-1] or self.top_p < 1:
+                probs, ids = nucleus(logits, self.temperature, self.top_k, self.top_p)  # B, W
+                tok = ids.gather(-1, sample(probs, u=u)[:, None])[:, 0]
+            else:
+                tok = sample(torch.softmax(logits.float() / self.temperature, dim=-1), u=u)
+        lp = None
+        if self.return_logprobs:  # log_softmax(logits)[tok] without a [B, V] log_softmax
+            lf = logits.float()
+            lp = lf.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(lf, dim=-1)
+        return tok, lp
+
+    def finished(self, tok: torch.Tensor, n_gen: torch.Tensor) -> torch.Tensor:
+        """[B] bool: the row just emitted a stop id, or has its max_new_tokens tokens (n_gen counts tok)."""
+        return torch.isin(tok, self.stop_ids) | (n_gen >= self.max_new_tokens)
 
 
 # ---- counter-based uniforms -----------------------------------------------------------------------------------
@@ -128,34 +222,28 @@ def stream_key(seed: int, key: int, sample_idx: int) -> int:
 
 
 def uniform_from_stream(stream: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """stream [B] (stream_key values, int64), step [B] int64 -> u [B] in [0, 1), fp64 with 53 random bits."""
+    """stream [B] (stream_key values, int64), step [B] int64 -> u [B] in [0, 1), fp64 with 53 random bits: the
+    uniform that draws token `step` of each row's stream."""
     x = _mix32(stream ^ _mix32(step & M32))
     hi, lo = _mix32(x ^ 0x68E31DA4), _mix32(x ^ 0xB5297A4D)
     return ((hi << 21) | (lo >> 11)).double() * 2.0**-53
-
-
-def counter_uniform(seed: int, key: int, sample_idx: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """The uniform generate uses for token `step` of sample `sample_idx` of the prompt with `key` (tensors [B])."""
-    streams = torch.tensor([stream_key(seed, key, int(j)) for j in sample_idx.tolist()], device=step.device)
-    return uniform_from_stream(streams, step)
 
 
 # ---- prefill and decode ---------------------------------------------------------------------------------------
 
 def prefill(model: Transformer, prompts: list[list[int]]) -> tuple[KVCache, torch.Tensor]:
     """Ragged prompts -> (a cache with row p holding prompt p at positions 0 .. len_p - 1, logits [P, V] of the
-    token after each prompt). Prompts are right-padded and run from position 0; each row's logits are read at its
-    own last token, and the pad keys beyond len_p are overwritten by decode before any query can see them. Only
-    the P last hidden states go through the output projection (never [P, T, V])."""
+    token after each prompt). Prompts are right-padded and run from position 0 (plain causal attention, slice
+    writes); each row's logits are read at its own last token, and the pad keys beyond len_p are overwritten by
+    decode before any query can see them. Only the P last hidden states go through the output projection."""
     device = model.embed_tokens.weight.device
     P, T = len(prompts), max(len(p) for p in prompts)
     tokens = torch.zeros(P, T, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.tensor(p)
-    tokens = tokens.to(device)
     lens = torch.tensor([len(p) for p in prompts], device=device)
     cache = model.new_cache(P, T)
-    h = model.hidden(tokens, pos=torch.zeros(P, dtype=torch.long, device=device), cache=cache, kv_len=T)  # P, T, C
+    h = model.hidden(tokens.to(device), cache=cache)  # P, T, C
     last = h[torch.arange(P, device=device), lens - 1]  # P, C
     return cache, F.linear(last, model.output_weight)  # P, V
 
@@ -164,6 +252,17 @@ def decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, pos: t
                 ) -> torch.Tensor:
     """tokens [B] at positions pos [B] -> next-token logits [B, V]; writes their keys into cache rows 0 .. B-1."""
     return model(tokens[:, None], pos=pos, cache=cache, kv_len=kv_len)[:, 0]
+
+
+_COMPILED: dict[str, Callable] = {}  # one compiled decode_step per mode, so its graphs outlive a generate call
+
+
+def compiled_decode_step(device: torch.device) -> Callable:
+    """decode_step under torch.compile with static shapes; on CUDA in "reduce-overhead" mode (CUDA graphs)."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(decode_step, dynamic=False, mode=None if mode == "default" else mode)
+    return _COMPILED[mode]
 
 
 def row_bytes(model: Transformer, cache_len: int, max_new_tokens: int) -> int:
@@ -190,17 +289,178 @@ def default_memory_budget(device: torch.device) -> int:
     return CPU_MEMORY_BUDGET
 
 
-# ---- the scheduler --------------------------------------------------------------------------------------------
+# ---- the slot scheduler ---------------------------------------------------------------------------------------
+
+@dataclass
+class Slots:
+    """The scheduler: R decode slots over one KV cache, the queue of (prompt, sample) pairs waiting for one, and
+    the prompts prefilled but not yet fanned out to all their samples. admit fills free slots, step decodes one
+    token in every slot, harvest takes out the finished rows, compact moves busy rows to the first slots.
+
+    Device state, one entry per slot: cur (the token to feed next), pos (its position), n_gen (tokens generated so
+    far, cur included), done (finished, or idle), stream (the occupant's stream_key), out_tok / out_lp (its tokens
+    and raw log-probs, with a trash column max_new_tokens where frozen rows write). Host state, read from the device
+    only at a check: occupant (the (prompt, sample) pair in each slot, None when free) and host_ngen (n_gen as of
+    the last check)."""
+    model: Transformer
+    prompts: list[list[int]]
+    keys: list[int]
+    n: int
+    seed: int
+    sampling: Sampling
+    rows: int
+    cache_len: int
+    step_fn: Callable = decode_step
+    static: bool = False  # compiled step: every slot every step, kv_len rounded up to a multiple of 256
+
+    def __post_init__(self):
+        R, M, dev = self.rows, self.sampling.max_new_tokens, self.model.embed_tokens.weight.device
+        self.device = dev
+        self.cache = self.model.new_cache(R, self.cache_len)
+        self.cur, self.pos, self.n_gen, self.stream = (torch.zeros(R, dtype=torch.long, device=dev) for _ in range(4))
+        self.done = torch.ones(R, dtype=torch.bool, device=dev)
+        self.out_tok = torch.zeros(R, M + 1, dtype=torch.long, device=dev)
+        self.out_lp = torch.zeros(R, M + 1, device=dev) if self.sampling.return_logprobs else None
+        self.occupant: list[tuple[int, int] | None] = [None] * R
+        self.host_ngen = [0] * R
+        self.queue = [(p, j) for p in range(len(self.prompts)) for j in range(self.n)][::-1]  # pop() = next pair
+        self.to_admit = [self.n] * len(self.prompts)  # samples of each prompt not yet in a slot
+        self.prefilled: dict[int, tuple[KVCache, int, torch.Tensor]] = {}  # prompt -> side cache, its row, logits
+
+    @property
+    def busy(self) -> list[int]:
+        return [s for s in range(self.rows) if self.occupant[s] is not None]
+
+    def admit(self):
+        """Give free slots to the next pairs of the queue: prefill their new prompts (chunks of similar length),
+        copy each prompt's cache rows into its samples' slots, draw each slot's first token."""
+        batch = [(*self.queue.pop(), s) for s in range(self.rows) if self.occupant[s] is None and self.queue]
+        if not batch:
+            return
+        need = sorted({p for p, _, _ in batch if p not in self.prefilled}, key=lambda p: len(self.prompts[p]))
+        while need:  # need is sorted by length, so a chunk holds prompts of similar length
+            take = [need.pop(0)]
+            while need and (len(take) + 1) * len(self.prompts[need[0]]) <= PREFILL_TOKENS:
+                take.append(need.pop(0))
+            side, logits = prefill(self.model, [self.prompts[p] for p in take])
+            self.prefilled.update((p, (side, row, logits[row])) for row, p in enumerate(take))
+        by_side: dict[int, list[tuple[int, int, int]]] = {}
+        for item in batch:
+            by_side.setdefault(id(self.prefilled[item[0]][0]), []).append(item)
+        for items in by_side.values():
+            side = self.prefilled[items[0][0]][0]
+            src = torch.tensor([self.prefilled[p][1] for p, _, _ in items], device=self.device)
+            dst = torch.tensor([s for _, _, s in items], device=self.device)
+            T = side.k.shape[3]
+            self.cache.k[:, dst, :, :T] = side.k[:, src]  # fan-out: L, A, KVH, T, D
+            self.cache.v[:, dst, :, :T] = side.v[:, src]
+            logits = torch.stack([self.prefilled[p][2] for p, _, _ in items])  # A, V
+            streams = torch.tensor([stream_key(self.seed, self.keys[p], j) for p, j, _ in items], device=self.device)
+            ones = torch.ones(len(items), dtype=torch.long, device=self.device)
+            tok, lp = self.sampling.pick(logits, streams, ones - 1)
+            self.cur[dst], self.n_gen[dst], self.stream[dst], self.out_tok[dst, 0] = tok, 1, streams, tok
+            self.pos[dst] = torch.tensor([len(self.prompts[p]) for p, _, _ in items], device=self.device)
+            self.done[dst] = self.sampling.finished(tok, ones)
+            if lp is not None:
+                self.out_lp[dst, 0] = lp
+        for p, j, s in batch:
+            self.occupant[s], self.host_ngen[s] = (p, j), 1
+            self.to_admit[p] -= 1
+            if self.to_admit[p] == 0:  # every sample holds the prompt's rows now: its side cache row can go
+                del self.prefilled[p]
+
+    def step(self, B: int, kv_len: int):
+        """Decode one token in slots 0 .. B-1, reading cache keys 0 .. kv_len-1. Frozen (done) rows keep their
+        position and token and write their draw to the trash column."""
+        logits = self.step_fn(self.model, self.cache, self.cur[:B], self.pos[:B], kv_len)  # B, V
+        n_gen = self.n_gen[:B]
+        tok, lp = self.sampling.pick(logits, self.stream[:B], n_gen)
+        active = ~self.done[:B]
+        col = torch.where(active, n_gen, self.sampling.max_new_tokens)[:, None]  # B, 1
+        self.out_tok[:B].scatter_(1, col, tok[:, None])
+        if lp is not None:
+            self.out_lp[:B].scatter_(1, col, lp[:, None])
+        n_gen += active
+        self.pos[:B] += active
+        self.cur[:B] = torch.where(active, tok, self.cur[:B])
+        self.done[:B] |= active & self.sampling.finished(tok, n_gen)
+
+    def run(self, max_steps: int):
+        """Up to max_steps decode steps over the busy slots, without reading the device. kv_len bounds every busy
+        row's position + 1: row s feeds its token at len_p + n_gen - 1 <= len_p + min(host_ngen + k, max_new) - 1
+        at step k of this window."""
+        busy = self.busy
+        max_new = self.sampling.max_new_tokens
+        n_steps = min(max_steps, max(max_new - self.host_ngen[s] for s in busy))
+        lens = [len(self.prompts[self.occupant[s][0]]) for s in busy]
+        reach = max(n + self.host_ngen[s] for n, s in zip(lens, busy))
+        cap = max(lens) + max_new
+        B = self.rows if self.static else busy[-1] + 1
+        for k in range(n_steps):
+            kv_len = min(reach + k, cap)
+            if self.static:
+                kv_len = min(-(-kv_len // 256) * 256, self.cache_len)
+            if self.static and self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
+            self.step(B, kv_len)
+
+    def harvest(self) -> list[tuple[int, int, list[int], list[float] | None, int]]:
+        """The check: one read of the flags and counts, then the finished rows' outputs. -> per finished row
+        (prompt, sample, tokens without the stop id, log-probs or None, tokens generated); their slots become free
+        (idle slots sit at position 0, inside any kv_len)."""
+        busy = self.busy
+        done_host, ngen_host = torch.stack([self.done.long(), self.n_gen]).cpu().tolist()  # 2, R
+        for s in busy:
+            self.host_ngen[s] = ngen_host[s]
+        fin = [s for s in busy if done_host[s]]
+        if not fin:
+            return []
+        fin_t = torch.tensor(fin, device=self.device)
+        toks = self.out_tok[fin_t].cpu().tolist()
+        lps = self.out_lp[fin_t].cpu().tolist() if self.out_lp is not None else None
+        stop = set(self.sampling.stop_ids.tolist())
+        out = []
+        for i, s in enumerate(fin):
+            m = self.host_ngen[s]
+            keep = m - 1 if toks[i][m - 1] in stop else m
+            out.append((*self.occupant[s], toks[i][:keep], lps[i][:keep] if lps is not None else None, m))
+            self.occupant[s] = None
+        self.pos[fin_t], self.cur[fin_t] = 0, 0
+        return out
+
+    def compact(self) -> int:
+        """With the queue empty and half the decoded slots idle, move the busy rows to slots 0 .. n-1 (their cache
+        rows up to the longest position, and their state), so later steps decode n slots instead of busy[-1] + 1.
+        -> the number of slots decoded before (0 when nothing moved)."""
+        busy = self.busy
+        if self.queue or self.static or not busy or 2 * len(busy) > busy[-1] + 1:
+            return 0
+        src = torch.tensor(busy, device=self.device)
+        dst = torch.arange(len(busy), device=self.device)
+        S = max(len(self.prompts[self.occupant[s][0]]) + self.host_ngen[s] for s in busy)
+        self.cache.k[:, dst, :, :S] = self.cache.k[:, src, :, :S]  # the right side is gathered before the write
+        self.cache.v[:, dst, :, :S] = self.cache.v[:, src, :, :S]
+        for t in (self.cur, self.pos, self.n_gen, self.done, self.stream, self.out_tok, self.out_lp):
+            if t is not None:
+                t[dst] = t[src]
+        self.done[len(busy):] = True
+        self.pos[len(busy):] = 0
+        self.occupant = [self.occupant[s] for s in busy] + [None] * (self.rows - len(busy))
+        self.host_ngen = [self.host_ngen[s] for s in busy] + [0] * (self.rows - len(busy))
+        return busy[-1] + 1
+
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int] | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int | None] | None = None,
              seed: int = 0, keys: Sequence[int] | None = None, max_batch_rows: int | None = None,
              memory_budget_bytes: int | None = None, sync_every: int = 8, return_logprobs: bool = False,
-             progress: Callable[[int], None] | None = None, compile: bool = False):
+             progress: Callable[[int], None] | None = None, compile: bool | None = None):
     """Sample n completions of each prompt -> per prompt, n lists of new token ids (see the module docstring).
 
-    stop_ids: tokens that end a row (excluded from the output); None means the model config's eos_id, () none.
+    stop_ids: tokens that end a row (excluded from the output), any number of them; None entries are ignored (a
+        tokenizer without EOS has eos_id None). stop_ids=None means the model config's eos_id (an int or a list),
+        () means no stop token.
     keys: one integer per prompt naming its random stream (default: its index in `prompts`).
     max_batch_rows / memory_budget_bytes: the number of slots is the smallest of the pair count, max_batch_rows and
         (budget - prefill_bytes) // row_bytes (budget default: 80% of free CUDA memory, or 4 GiB on a CPU).
@@ -208,7 +468,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     return_logprobs: also return, aligned with the ids, the raw-model log-probs of each returned token.
     progress: called at every check with the number of tokens generated since the previous call.
     compile: torch.compile the decode step with static shapes (all slots every step, kv_len rounded up to a
-        multiple of 256); on CUDA in "reduce-overhead" mode (CUDA graphs, cache marked as a static address)."""
+        multiple of 256); on CUDA in "reduce-overhead" mode (CUDA graphs, cache marked as a static address).
+        None (default): compiled on CUDA, plain elsewhere."""
     if n < 1 or max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or sync_every < 1:
         raise ValueError(f"bad sampling arguments: n={n}, max_new_tokens={max_new_tokens}, "
                          f"temperature={temperature}, top_p={top_p}, top_k={top_k}, sync_every={sync_every}")
@@ -220,165 +481,51 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     if len(keys) != len(prompts):
         raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
     if stop_ids is None:
-        stop_ids = [] if cfg.eos_id is None else [cfg.eos_id] if isinstance(cfg.eos_id, int) else list(cfg.eos_id)
-    stop_set = set(int(s) for s in stop_ids)
+        stop_ids = [cfg.eos_id] if isinstance(cfg.eos_id, int) else list(cfg.eos_id or [])
+    stop = sorted({int(s) for s in stop_ids if s is not None})
     result = [[[] for _ in range(n)] for _ in prompts]
     logprobs = [[[] for _ in range(n)] for _ in prompts]
     if not prompts or max_new_tokens == 0:
         return (result, logprobs) if return_logprobs else result
 
     device = model.embed_tokens.weight.device
-    lens = [len(p) for p in prompts]
-    S_max = max(lens) + max_new_tokens
+    S_max = max(len(p) for p in prompts) + max_new_tokens
     budget = memory_budget_bytes or default_memory_budget(device)
     per_row, reserve = row_bytes(model, S_max, max_new_tokens), prefill_bytes(model)
     rows = min(len(prompts) * n, (budget - reserve) // per_row, max_batch_rows or math.inf)
     if rows < 1:
         raise ValueError(f"memory budget of {budget} bytes holds no row ({per_row} bytes) beside the prefill "
                          f"reserve ({reserve} bytes)")
-    rows = int(rows)
-    if compile:
-        S_max = -(-S_max // 256) * 256  # room for kv_len rounded up to a multiple of 256
-    cache = model.new_cache(rows, S_max)
-    step_fn = decode_step
-    if compile:
-        if device.type == "cuda":
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
-        step_fn = torch.compile(decode_step, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+    compile = device.type == "cuda" if compile is None else compile
+    sampling = Sampling(temperature, top_k, top_p, max_new_tokens, torch.tensor(stop, dtype=torch.long, device=device),
+                        return_logprobs)
+    slots = Slots(model, prompts, keys, n, seed, sampling, int(rows), -(-S_max // 256) * 256 if compile else S_max,
+                  step_fn=compiled_decode_step(device) if compile else decode_step, static=compile)
+    if compile and device.type == "cuda":
+        torch._dynamo.mark_static_address(slots.cache.k)
+        torch._dynamo.mark_static_address(slots.cache.v)
 
-    # per-slot state on the device: R slots; out_* have a trash column max_new_tokens for frozen rows' writes
-    cur = torch.zeros(rows, dtype=torch.long, device=device)  # the token to feed next
-    pos = torch.zeros(rows, dtype=torch.long, device=device)  # its position
-    n_gen = torch.zeros(rows, dtype=torch.long, device=device)  # tokens generated so far (cur included)
-    done = torch.ones(rows, dtype=torch.bool, device=device)
-    stream = torch.zeros(rows, dtype=torch.long, device=device)
-    out_tok = torch.zeros(rows, max_new_tokens + 1, dtype=torch.long, device=device)  # R, max_new + 1
-    out_lp = torch.zeros(rows, max_new_tokens + 1, dtype=torch.float32, device=device) if return_logprobs else None
-    stop_t = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
-
-    def pick(logits, streams, steps):
-        """logits [B, V] -> (token [B], raw log-prob [B] or None)."""
-        if temperature == 0:
-            tok = logits.argmax(-1)
-        else:
-            tok = sample(logits_to_probs(logits, temperature, top_k, top_p), u=uniform_from_stream(streams, steps))
-        lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None])[:, 0] if return_logprobs else None
-        return tok, lp
-
-    def finished(tok, steps_after):
-        return torch.isin(tok, stop_t) | (steps_after >= max_new_tokens)
-
-    # host-side bookkeeping (no device reads): who is in each slot, and n_gen as of the last check
-    pending = [(p, j) for p in range(len(prompts)) for j in range(n)]
-    pending.reverse()  # pop() takes the next pair
-    occupant: list[tuple[int, int] | None] = [None] * rows
-    host_ngen = [0] * rows
-    to_admit = [n] * len(prompts)  # samples of each prompt not yet admitted
-    prefilled: dict[int, tuple[int, int]] = {}  # prompt -> (chunk id, row in chunk)
-    chunks: dict[int, list] = {}  # chunk id -> [side cache, logits [P, V], prompts in it still to admit]
-    chunk_ids = itertools.count()
-    tokens_reported = 0
-    harvested_tokens = 0
-
-    def admit():
-        free = [s for s in range(rows) if occupant[s] is None]
-        batch = []
-        while free and pending:
-            batch.append((*pending.pop(), free.pop(0)))
-        if not batch:
-            return
-        need = sorted({p for p, _, _ in batch if p not in prefilled}, key=lambda p: lens[p])
-        while need:  # prefill the new prompts in chunks of similar length (need is sorted by length)
-            take = [need.pop(0)]
-            while need and (len(take) + 1) * lens[need[0]] <= PREFILL_TOKENS:
-                take.append(need.pop(0))
-            cid = next(chunk_ids)
-            side, logits = prefill(model, [prompts[p] for p in take])
-            chunks[cid] = [side, logits, len(take)]
-            for row, p in enumerate(take):
-                prefilled[p] = (cid, row)
-        by_chunk: dict[int, list] = {}
-        for p, j, s in batch:
-            by_chunk.setdefault(prefilled[p][0], []).append((p, j, s))
-        for cid, items in by_chunk.items():
-            side, chunk_logits = chunks[cid][0], chunks[cid][1]
-            src = torch.tensor([prefilled[p][1] for p, _, _ in items], device=device)
-            dst = torch.tensor([s for _, _, s in items], device=device)
-            T = side.k.shape[3]
-            cache.k[:, dst, :, :T] = side.k[:, src]  # fan-out: L, A, KVH, T, D
-            cache.v[:, dst, :, :T] = side.v[:, src]
-            streams = torch.tensor([stream_key(seed, keys[p], j) for p, j, _ in items], device=device)
-            zeros = torch.zeros(len(items), dtype=torch.long, device=device)
-            tok, lp = pick(chunk_logits[src], streams, zeros)
-            cur[dst], n_gen[dst], stream[dst] = tok, 1, streams
-            pos[dst] = torch.tensor([lens[p] for p, _, _ in items], device=device)
-            done[dst] = finished(tok, zeros + 1)
-            out_tok[dst, 0] = tok
-            if return_logprobs:
-                out_lp[dst, 0] = lp
-            for p, j, s in items:
-                occupant[s], host_ngen[s] = (p, j), 1
-                to_admit[p] -= 1
-                if to_admit[p] == 0:  # all its samples hold the prompt's rows now: free the side cache rows
-                    del prefilled[p]
-                    chunks[cid][2] -= 1
-                    if chunks[cid][2] == 0:
-                        del chunks[cid]
-
-    def step(B, kv_len):
-        if compile and device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
-        logits = step_fn(model, cache, cur[:B], pos[:B], kv_len)  # B, V
-        tok, lp = pick(logits, stream[:B], n_gen[:B])
-        active = ~done[:B]
-        col = torch.where(active, n_gen[:B], max_new_tokens)[:, None]  # B, 1: frozen rows write the trash column
-        out_tok[:B].scatter_(1, col, tok[:, None])
-        if return_logprobs:
-            out_lp[:B].scatter_(1, col, lp[:, None])
-        n_gen[:B] += active
-        pos[:B] += active
-        cur[:B] = torch.where(active, tok, cur[:B])
-        done[:B] |= active & finished(tok, n_gen[:B])
-
+    reported = harvested = 0
     while True:
-        admit()
-        busy = [s for s in range(rows) if occupant[s] is not None]
-        if not busy:
+        slots.admit()
+        if not slots.busy:
             break
-        n_steps = min(sync_every, max(max_new_tokens - host_ngen[s] for s in busy))
-        B = rows if compile else busy[-1] + 1
-        # kv_len bounds every busy row's position + 1 without reading the device: row s feeds its token at
-        # lens + n_gen - 1 <= lens + min(host_ngen + k, max_new) - 1 at step k of this window
-        reach = max(lens[occupant[s][0]] + host_ngen[s] for s in busy)
-        cap = max(lens[occupant[s][0]] for s in busy) + max_new_tokens
-        for k in range(n_steps):
-            kv_len = min(reach + k, cap)
-            if compile:
-                kv_len = min(-(-kv_len // 256) * 256, S_max)
-            step(B, kv_len)
-        # the check: one read of the flags and counts, then the finished rows' outputs
-        done_host, ngen_host = torch.stack([done.long(), n_gen]).cpu().tolist()  # 2, R
-        fin = [s for s in busy if done_host[s]]
-        for s in busy:
-            host_ngen[s] = ngen_host[s]
-        if fin:
-            fin_t = torch.tensor(fin, device=device)
-            toks = out_tok[fin_t].cpu().tolist()
-            lps = out_lp[fin_t].cpu().tolist() if return_logprobs else None
-            for i, s in enumerate(fin):
-                p, j = occupant[s]
-                m = host_ngen[s]
-                harvested_tokens += m
-                if toks[i][m - 1] in stop_set:
-                    m -= 1
-                result[p][j] = toks[i][:m]
-                if return_logprobs:
-                    logprobs[p][j] = lps[i][:m]
-                occupant[s] = None
-            pos[fin_t], cur[fin_t] = 0, 0  # idle slots sit at position 0, inside any kv_len
+        try:
+            slots.run(sync_every)
+        except Exception as e:  # the compiled step failed to build: the plain one computes the same
+            if not slots.static:
+                raise
+            warnings.warn(f"generate: the compiled decode step failed ({type(e).__name__}: {e}); "
+                          "decoding with the plain step", stacklevel=2)
+            slots.step_fn, slots.static = decode_step, False  # the steps done so far stand; harvest reads them
+        for p, j, toks, lps, m in slots.harvest():
+            result[p][j] = toks
+            if return_logprobs:
+                logprobs[p][j] = lps
+            harvested += m
+        slots.compact()
         if progress is not None:
-            total = harvested_tokens + sum(host_ngen[s] for s in range(rows) if occupant[s] is not None)
-            progress(total - tokens_reported)
-            tokens_reported = total
+            total = harvested + sum(slots.host_ngen[s] for s in slots.busy)
+            progress(total - reported)
+            reported = total
     return (result, logprobs) if return_logprobs else result

@@ -23,10 +23,18 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
+    """eos_id is the checkpoint's EOS token (the one appended after a training completion), None when it has none;
+    eos_ids every id that ends a generation (eos_id first, then the other ids the checkpoint's files name), () when
+    there is none: what generate's stop_ids wants."""
+
     def __init__(self, tok: HFTokenizer, *, bos_id: int | None, eos_id: int | None, pad_id: int | None = None,
-                 bos_token: str | None = None, eos_token: str | None = None, pad_token: str | None = None):
+                 bos_token: str | None = None, eos_token: str | None = None, pad_token: str | None = None,
+                 eos_ids: tuple[int, ...] | None = None):
         self.tok = tok
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        if eos_ids is None:
+            eos_ids = () if eos_id is None else (eos_id,)
+        self.eos_ids = tuple(eos_ids)
         self.bos_token = bos_token or (tok.id_to_token(bos_id) if bos_id is not None else None)
         self.eos_token = eos_token or (tok.id_to_token(eos_id) if eos_id is not None else None)
         self.pad_token = pad_token or (tok.id_to_token(pad_id) if pad_id is not None else None)
@@ -81,7 +89,9 @@ def _read_json(path: Path) -> dict:
 
 def load_tokenizer(src: str | Path) -> Tokenizer:
     """From a checkpoint directory, a tokenizer.json path, or a Hub repo id. BOS/EOS come from
-    tokenizer_config.json (or special_tokens_map.json), then config.json's ids, then the usual token names."""
+    tokenizer_config.json (or special_tokens_map.json), then config.json's ids, then the usual token names.
+    eos_ids: eos_id, then every eos_token_id of generation_config.json and config.json (an int or a list each),
+    in that order without repeats (Llama 3 Instruct ends a turn with <|eot_id|> or <|end_of_text|>)."""
     path = Path(src).expanduser()
     if path.is_file():
         path, tok_file = path.parent, path
@@ -117,7 +127,16 @@ def load_tokenizer(src: str | Path) -> Tokenizer:
     bos_id, bos = find("bos_token", "bos_token_id", BOS_NAMES)
     eos_id, eos = find("eos_token", "eos_token_id", EOS_NAMES)
     pad_id, pad = find("pad_token", "pad_token_id", ("<pad>",))
-    return Tokenizer(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, bos_token=bos, eos_token=eos, pad_token=pad)
+    eos_ids = [] if eos_id is None else [eos_id]
+    for file in (path / "generation_config.json", path / "config.json"):
+        ids = _read_json(file).get("eos_token_id")
+        for i in ids if isinstance(ids, list) else [] if ids is None else [ids]:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise TokenizerError(f"{file}: field 'eos_token_id' is {ids!r}, not an integer or a list of them")
+            if i not in eos_ids:
+                eos_ids.append(i)
+    return Tokenizer(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, bos_token=bos, eos_token=eos, pad_token=pad,
+                     eos_ids=tuple(eos_ids))
 
 
 def train_tokenizer(texts, vocab_size: int = 512, *, min_frequency: int = 2) -> Tokenizer:

@@ -112,3 +112,20 @@ def test_ragged_rows_do_not_depend_on_batch_mates(cfg):
 def test_unknown_backend_is_one_line_error():
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         Transformer(ModelConfig(**BASE), attn="flash")
+
+
+def test_rope_table_rows_are_the_direct_formula(cfg):
+    """The cached cos/sin table (grown past its first 256 rows on demand) holds cos/sin(p * inv_freq) exactly."""
+    from minisirev.model import rope_inv_freq
+    model = Transformer(cfg)
+    positions = torch.tensor([[0, 5, 255, 256, 300, 1000]])
+    cos, sin = model.rope(positions, 1001)
+    freqs = positions.float()[..., None] * rope_inv_freq(cfg)  # 1, T, D/2
+    assert torch.equal(cos[:, 0], freqs.cos()) and torch.equal(sin[:, 0], freqs.sin())
+    assert model._rope_table[0].shape[0] == 1024
+
+
+def test_positions_need_a_cache():
+    model = Transformer(ModelConfig(**BASE))
+    with pytest.raises(ValueError, match="pos without a cache"):
+        model(torch.zeros(1, 3, dtype=torch.long), pos=torch.tensor([4]))

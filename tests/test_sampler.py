@@ -17,7 +17,7 @@ import torch
 
 from minisirev.config import ModelConfig
 from minisirev.model import Transformer
-from minisirev.sampler import counter_uniform, generate, logits_to_probs, sample
+from minisirev.sampler import generate, logits_to_probs, nucleus, sample, stream_key, uniform_from_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 on CPU; cached decoding and the full forward do the same ops over different key lengths and batch shapes,
@@ -28,6 +28,12 @@ BASE = dict(vocab_size=61, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=
             bos_id=1, eos_id=2)
 CONFIGS = {"llama-gqa": BASE, "mistral-window": dict(BASE, model_type="mistral", sliding_window=4)}
 LENS = (5, 1, 9, 13, 3)  # ragged, and longer than the window
+
+
+def uniforms(seed, key, sample_idx: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The uniforms generate draws token `step` of sample `sample_idx` of the prompt with `key` with."""
+    streams = torch.tensor([stream_key(seed, key, j) for j in sample_idx.tolist()])
+    return uniform_from_stream(streams, step)
 
 
 def make_model(name="llama-gqa", attn="ref"):
@@ -236,7 +242,7 @@ def test_draws_match_intended_distribution(temperature, top_k, top_p):
     logits = torch.randn(1, 9, generator=torch.Generator().manual_seed(0)) * 1.5
     probs = logits_to_probs(logits, temperature, top_k, top_p)[0]
     N = 40000
-    u = counter_uniform(11, 0, torch.arange(N), torch.zeros(N, dtype=torch.long))
+    u = uniforms(11, 0, torch.arange(N), torch.zeros(N, dtype=torch.long))
     assert_frequencies(sample(probs.expand(N, -1), u=u), probs)
     g = torch.Generator().manual_seed(11)
     assert_frequencies(sample(probs.expand(N, -1), g), probs)
@@ -257,14 +263,14 @@ def test_generate_first_tokens_match_model_distribution(model):
 
 
 def test_uniforms_are_uniform_and_stream_local():
-    u = counter_uniform(0, 7, torch.arange(50000), torch.arange(50000) % 13)
+    u = uniforms(0, 7, torch.arange(50000), torch.arange(50000) % 13)
     assert 0 <= u.min() and u.max() < 1
     counts = torch.histc(u.float(), bins=20, min=0, max=1)
     assert (counts - 2500).abs().max() < 5 * math.sqrt(2500)
     # a draw depends only on (seed, key, sample, step)
-    assert torch.equal(counter_uniform(0, 7, torch.tensor([3]), torch.tensor([3])), u[3:4])
-    assert not torch.equal(counter_uniform(1, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)),
-                           counter_uniform(0, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)))
+    assert torch.equal(uniforms(0, 7, torch.tensor([3]), torch.tensor([3])), u[3:4])
+    assert not torch.equal(uniforms(1, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)),
+                           uniforms(0, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)))
 
 
 # ---- sample.py: output lines and resume after SIGKILL --------------------------------------------------------
@@ -373,3 +379,84 @@ def test_sample_script_resumes_after_kill(tmp_path, checkpoint, monkeypatch, cap
 def test_sample_script_user_errors_are_one_line(tmp_path, checkpoint, monkeypatch, capsys, extra, message):
     code, err = sample_error(monkeypatch, capsys, sample_args(checkpoint, tmp_path / "x.jsonl", *extra))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---- the top-p prefilter, slot compaction, the compiled step ---------------------------------------------------
+
+def nucleus_reference(probs: list[float], top_p: float) -> list[tuple[int, float]]:
+    """Rank the whole row by (-p, id), keep token i iff the fp64 mass strictly before it is < top_p."""
+    kept, mass = [], 0.0
+    for i in sorted(range(len(probs)), key=lambda i: (-probs[i], i)):
+        if mass >= top_p:
+            break
+        kept.append((i, probs[i]))
+        mass += probs[i]
+    return kept
+
+
+def kept_pairs(probs: torch.Tensor, ids: torch.Tensor) -> list[list[tuple[int, float]]]:
+    return [[(int(i), float(p)) for p, i in zip(pr, ir) if p > 0] for pr, ir in zip(probs, ids)]
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.99])
+def test_top_p_prefilter_keeps_the_same_set(top_p):
+    """Peaked rows (settled by the prefilter), flat rows (ranked whole) and rows with tied logits: the kept tokens,
+    their order and probabilities are those of ranking the whole vocabulary, and of a brute-force reference."""
+    g = torch.Generator().manual_seed(0)
+    V = 300
+    scale = torch.tensor([8.0] * 20 + [3.0] * 20 + [0.05] * 8)[:, None]
+    logits = torch.randn(len(scale), V, generator=g) * scale
+    logits[::5, 1:40:3] = logits[::5, :1]  # ties with the largest logit of every 5th row (some straddle the cut)
+    logits[1::7, 50:60] = logits[1::7].max(-1, keepdim=True).values - 0.3
+    got = nucleus(logits, 1.0, 0, top_p)
+    whole = nucleus(logits, 1.0, 0, top_p, prefilter=0.0)
+    probs = torch.softmax(logits, -1)
+    settled = ((probs * (probs >= 1 / 64)).double().sum(-1) >= top_p)
+    assert settled.any() and (~settled).any()  # both paths ran
+    assert kept_pairs(*got) == kept_pairs(*whole) == [nucleus_reference(p, top_p) for p in probs.tolist()]
+
+
+def test_top_k_keeps_ties_and_renormalises():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.0, 2.0]])
+    probs, ids = nucleus(logits, 1.0, 2, 1.0)  # the 2nd largest logit (2.0) is tied three ways: all kept
+    assert sorted(int(i) for p, i in zip(probs[0], ids[0]) if p > 0) == [1, 2, 3, 5]
+    torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
+
+
+def test_stop_ids_may_name_none(model):
+    prompts = make_prompts()
+    want = generate(model, prompts, max_new_tokens=6, stop_ids=(5,))
+    assert generate(model, prompts, max_new_tokens=6, stop_ids=(None, 5)) == want
+
+
+def test_tail_compaction_keeps_outputs(model, monkeypatch):
+    """Rows that stop early leave idle slots at the end of a run; the busy ones move down and decode on unchanged."""
+    from minisirev import sampler
+    moved = []
+    compact = sampler.Slots.compact
+    monkeypatch.setattr(sampler.Slots, "compact", lambda self: moved.append(compact(self)) or moved[-1])
+    prompts = make_prompts(lens=(3, 8, 5, 2, 7, 4, 6, 9))
+    free = generate(model, prompts, n=2, max_new_tokens=10, temperature=1.0, stop_ids=(), seed=2)
+    # slots are filled prompt-major: stop the first 12 rows early with their 2nd tokens, never the last 4 rows
+    flat = [o for outs in free for o in outs]
+    stop = sorted({o[1] for o in flat[:12]} - {t for o in flat[12:] for t in o})
+    want = generate(model, prompts, n=2, max_new_tokens=10, temperature=1.0, stop_ids=stop, seed=2, max_batch_rows=1)
+    moved.clear()
+    got = generate(model, prompts, n=2, max_new_tokens=10, temperature=1.0, stop_ids=stop, seed=2, sync_every=2)
+    assert got == want and any(moved)
+    assert any(len(o) < 10 for outs in got for o in outs) and any(len(o) == 10 for outs in got for o in outs)
+
+
+def test_compiled_step_equals_plain(model, recwarn):
+    """The compiled decode step (static shapes: every slot every step, kv_len rounded up to 256) gives the plain
+    step's tokens; log-probs agree to rounding (inductor fuses the same fp32 ops in another order)."""
+    prompts = make_prompts()
+    for kw in (dict(), dict(temperature=1.0, top_p=0.9)):
+        kw = dict(n=2, max_new_tokens=8, max_batch_rows=4, return_logprobs=True, **kw)
+        plain, lp_plain = generate(model, prompts, **kw)
+        comp, lp_comp = generate(model, prompts, compile=True, **kw)
+        assert comp == plain
+        for a, b in zip(lp_plain, lp_comp):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(torch.tensor(y), torch.tensor(x), atol=ATOL, rtol=RTOL)
+    assert not [w for w in recwarn if "compiled decode step failed" in str(w.message)]  # no silent fallback
