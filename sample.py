@@ -32,6 +32,8 @@ parser.add_argument("--max-rows", type=int, default=None, help="decode slots at 
 parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="weight dtype (default: as stored)")
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the decode step (default: on CUDA, with CUDA graphs; off on a CPU)")
 # ---- output
 parser.add_argument("--out", required=True, help="the JSONL file to write, or to resume")
 args = parser.parse_args()
@@ -76,7 +78,7 @@ try:
     model = load_model(args.model, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = generate_and_verify(model, tok, task, records, out, sampling, chunk=args.batch_size, desc="sample",
-                               gen_kw={"max_batch_rows": args.max_rows})
+                               gen_kw={"max_batch_rows": args.max_rows, "compile": args.compile})
 except (CheckpointError, ConfigError) as e:
     cli.fail(P, str(e))
 except HarnessError as e:

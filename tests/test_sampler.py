@@ -1,15 +1,9 @@
 """The sampler against the model without a cache: greedy decoding equals step-by-step argmax of full forward passes,
 sampled log-probs equal a full re-score (mistral-inference `tests/test_generate.py`), outputs do not depend on batch
 composition or slot refill order; top-k / top-p keep exactly the intended sets (transformers' TopK/TopPLogitsWarper
-semantics); seeded draws follow the intended distribution; sample.py resumes after SIGKILL."""
+semantics); seeded draws follow the intended distribution (sample.py's resume: tests/test_scripts.py)."""
 
-import json
 import math
-import os
-import runpy
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -271,114 +265,6 @@ def test_uniforms_are_uniform_and_stream_local():
     assert torch.equal(uniforms(0, 7, torch.tensor([3]), torch.tensor([3])), u[3:4])
     assert not torch.equal(uniforms(1, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)),
                            uniforms(0, 7, torch.arange(4), torch.zeros(4, dtype=torch.long)))
-
-
-# ---- sample.py: output lines and resume after SIGKILL --------------------------------------------------------
-
-class Echo:
-    """A stand-in task: 11 questions of words, every other one with an id; a completion is correct when its length
-    is even. With KILL_AT=k in the environment the process SIGKILLs itself at the k-th verdict (a kill mid-run)."""
-
-    name = "echo"
-    calls = 0
-
-    def load(self, path_or_split):
-        return [{"question": f"q{i} " * (1 + i % 4), **({"id": f"E{i}"} if i % 2 else {})} for i in range(11)]
-
-    def prompt(self, ex):
-        return ex["question"]
-
-    def is_correct(self, ex, text):
-        Echo.calls += 1
-        if Echo.calls == int(os.environ.get("KILL_AT", "0")):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return len(text) % 2 == 0
-
-    def is_correct_batch(self, exs, texts):
-        return [self.is_correct(ex, t) for ex, t in zip(exs, texts)]
-
-
-def get_echo(name):
-    if name != "echo":
-        raise ValueError(f"unknown task {name!r}")
-    return Echo()
-
-
-RUNNER = """
-import runpy, sys
-import minisirev.tasks
-sys.path.insert(0, sys.argv.pop(1))
-from test_sampler import get_echo
-minisirev.tasks.get_task = get_echo
-runpy.run_path("sample.py", run_name="__main__")
-"""
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from minisirev.checkpoint import save_model
-    from minisirev.tokenizer import train_tokenizer
-    tok = train_tokenizer([f"q{i} the answer is {i * 7}" for i in range(200)], vocab_size=300, min_frequency=1)
-    cfg = ModelConfig(**dict(BASE, vocab_size=tok.vocab_size))
-    out = tmp_path_factory.mktemp("ckpt") / "model"
-    save_model(Transformer(cfg).init_weights(std=0.1, seed=0), out, tokenizer=tok)
-    return out
-
-
-def sample_args(checkpoint, out, *extra):
-    return ["--model", str(checkpoint), "--task", "echo", "--n", "3", "--temperature", "1.0", "--max-new-tokens", "6",
-            "--batch-size", "4", "--seed", "1", "--out", str(out), *extra]
-
-
-def run_sample(tmp_path, checkpoint, out, *extra, kill_at=0):
-    """sample.py in a subprocess (so that it can be killed), with the stand-in task."""
-    runner = tmp_path / "runner.py"
-    runner.write_text(RUNNER)
-    env = {**os.environ, "KILL_AT": str(kill_at), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(runner), str(Path(__file__).parent),
-                           *sample_args(checkpoint, out, *extra)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-
-
-def sample_error(monkeypatch, capsys, argv) -> tuple[int, str]:
-    """sample.py in this process, for runs that must stop with a user error: (exit code, stderr)."""
-    import minisirev.tasks
-    monkeypatch.setattr(minisirev.tasks, "get_task", get_echo)
-    monkeypatch.setattr(sys, "argv", ["sample.py", *argv])
-    with pytest.raises(SystemExit) as e:
-        runpy.run_path(str(ROOT / "sample.py"), run_name="__main__")
-    return e.value.code, capsys.readouterr().err
-
-
-def test_sample_script_resumes_after_kill(tmp_path, checkpoint, monkeypatch, capsys):
-    full = run_sample(tmp_path, checkpoint, tmp_path / "full.jsonl")
-    assert full.returncode == 0, full.stderr
-    want = [json.loads(line) for line in (tmp_path / "full.jsonl").read_text().splitlines()]
-    assert [r["idx"] for r in want] == list(range(11))
-    assert want[1]["id"] == "E1" and want[0]["id"] == 0
-    assert all(len(r["completions"]) == len(r["correct"]) == 3 for r in want)
-    assert all(r["correct"] == [len(c) % 2 == 0 for c in r["completions"]] for r in want)
-
-    out = tmp_path / "killed.jsonl"
-    killed = run_sample(tmp_path, checkpoint, out, kill_at=3 * 6)  # 4 + 1/2 questions graded: one batch written
-    assert killed.returncode == -signal.SIGKILL
-    assert len(out.read_text().splitlines()) == 4
-    with open(out, "a") as f:  # and a partial line, as a kill during a write leaves
-        f.write('{"idx": 7, "compl')
-    resumed = run_sample(tmp_path, checkpoint, out)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "partial last line" in resumed.stderr and "4 already" in resumed.stderr
-    assert [json.loads(line) for line in out.read_text().splitlines()] == want  # what an uninterrupted run wrote
-
-    code, err = sample_error(monkeypatch, capsys, sample_args(checkpoint, out, "--n", "4"))
-    assert code == 2 and "--n" in err and "use another --out" in err
-
-
-@pytest.mark.parametrize("extra, message", [(["--task", "nope"], "unknown task 'nope'"),
-                                            (["--model", "/nonexistent/model"], "/nonexistent/model")])
-def test_sample_script_user_errors_are_one_line(tmp_path, checkpoint, monkeypatch, capsys, extra, message):
-    code, err = sample_error(monkeypatch, capsys, sample_args(checkpoint, tmp_path / "x.jsonl", *extra))
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 # ---- the top-p prefilter, slot compaction, the compiled step ---------------------------------------------------
