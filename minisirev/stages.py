@@ -95,17 +95,21 @@ def is_done(out: Path, settings: dict) -> bool:
     return out.exists() and sp.exists() and read_json(sp) == settings
 
 
-def generate_and_verify(model, tok, task, records: list[dict], out: Path, sampling: Sampling, *, chunk: int = 64,
-                        desc: str = "sample", log: Path | None = None, gen_kw: dict | None = None) -> list[dict]:
+ROWS_PER_CHUNK = 2048  # completions per generate call: enough rows for the sampler to batch well, small to redo
+
+
+def generate_and_verify(model, tok, task, records: list[dict], out: Path, sampling: Sampling, *,
+                        chunk: int | None = None, desc: str = "sample", log: Path | None = None,
+                        gen_kw: dict | None = None) -> list[dict]:
     """n completions per record with the task's verdicts, one JSONL row per record:
     {"idx", "id", "prompt", "completions", "correct"[, "level"]}.
 
-    Records go in chunks, appended to OUT.partial with an fsync; a restart keeps the whole chunks already there
-    (if they were drawn with the same settings). The sampler draws from a random stream keyed by (seed, question
-    index, sample index), so the result depends neither on the chunking nor on where a run was killed. A verifier
-    that cannot judge a completion (tasks.HarnessError) stops the stage before its chunk is written: a harness
-    failure is never recorded as a wrong answer. When every chunk is in, OUT.partial becomes OUT, and a line
-    with the stage's counts goes to `log`."""
+    Records go in chunks (default: ROWS_PER_CHUNK completions, at most 256 records), appended to OUT.partial with an
+    fsync; a restart keeps the whole chunks already there (if they were drawn with the same settings). The sampler
+    draws from a random stream keyed by (seed, question index, sample index), so the result depends neither on the
+    chunking nor on where a run was killed. A verifier that cannot judge a completion (tasks.HarnessError) stops the
+    stage before its chunk is written: a harness failure is never recorded as a wrong answer. When every chunk is
+    in, OUT.partial becomes OUT, and a line with the stage's counts goes to `log`."""
     from minisirev.sampler import generate
 
     settings = {**dataclasses.asdict(sampling), "records": len(records), "task": task.name}
@@ -114,6 +118,7 @@ def generate_and_verify(model, tok, task, records: list[dict], out: Path, sampli
     partial, sp = out.with_name(out.name + ".partial"), settings_path(out)
     same = sp.exists() and read_json(sp) == settings
     rows = read_partial_rows(partial) if same else []
+    chunk = chunk or max(1, min(256, ROWS_PER_CHUNK // sampling.n))
     rows = rows[:len(rows) // chunk * chunk]  # a chunk cut short by a kill is redone whole
     out.unlink(missing_ok=True)
     write_json(sp, settings)  # (makes out's directory)
