@@ -148,7 +148,8 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, *, max_s
         gen = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id, "pad_token_id": config.pad_id}
         _write_json(tmp / "generation_config.json", gen)
 
-        state = {to_hf_name(n): t.detach().to("cpu").contiguous() for n, t in (state or model.state_dict()).items()}
+        state = model.state_dict() if state is None else state
+        state = {to_hf_name(n): t.detach().to("cpu").contiguous() for n, t in state.items()}
         _save_shards(state, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
