@@ -17,7 +17,9 @@ from minisirev.stages import EvalSettings
 E = EvalSettings()
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # ---- what to evaluate
-parser.add_argument("--run", help="a run directory written by train.py: evaluate M0 and every iteration")
+parser.add_argument("--run", "--run-dir", dest="run",
+                    help="a run directory written by train.py: evaluate M0 and every iteration (under torchrun write "
+                         "--run-dir: it takes --run for its own --run-path)")
 parser.add_argument("--model", help="one checkpoint (local directory or Hub id) to evaluate instead of a run")
 parser.add_argument("--compare", nargs="+", metavar="RUN",
                     help="finished runs (e.g. SFT, DPO, SFT-DPO from one M1) to put side by side in one report")
@@ -47,6 +49,7 @@ parser.add_argument("--attn", choices=["ref", "sdpa", "triton"], default=None, h
 args = parser.parse_args()
 
 from minisirev import cli  # noqa: E402
+from minisirev import distributed as dist  # noqa: E402
 from minisirev.checkpoint import CheckpointError, ConfigError  # noqa: E402
 from minisirev.report import format_table  # noqa: E402
 from minisirev.run import Run, load_inputs, read_json, write_json  # noqa: E402
@@ -104,7 +107,7 @@ settings = EvalSettings(n_test=pick("n_test", "n_test", E.n_test), n_ood=pick("n
                         max_new_tokens=pick("max_new_tokens", "max_new_tokens", E.max_new_tokens),
                         seed=pick("seed", "seed", E.seed),
                         semantic_questions=pick("semantic_questions", "semantic_questions", E.semantic_questions))
-device = cli.resolve_device(P, args.device)
+device = dist.setup(P, cli.resolve_device(P, args.device))  # torchrun: each rank evaluates a share
 attn = cli.default_attn(device, args.attn)
 try:
     inputs = load_inputs(config["task"], args.data or config.get("data"), n_train=None, n_test=settings.n_test,
@@ -118,7 +121,7 @@ config.update({"n_test": settings.n_test, "n_ood": settings.n_ood, "eval_samples
                "eval_temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
                "max_new_tokens": settings.max_new_tokens, "seed": settings.seed,
                "semantic_questions": settings.semantic_questions})
-write_json(run.config, config)
+dist.on_main(write_json, run.config, config)
 
 # -----------------------------------------------------------------------------
 # evaluate every model whose generations or metrics are missing or made with other settings
@@ -128,7 +131,7 @@ try:
         step = "base" if t == 0 else "+".join(step_methods(config.get("method", "sft"), t,
                                                            config.get("schedule", "alternate")))
         if args.recompute:
-            run.metrics(t).unlink(missing_ok=True)
+            dist.on_main(run.metrics(t).unlink, missing_ok=True)  # rank 0's file; the others wait
         m = evaluate(run, t, lambda: model(t), tok, inputs, settings, step)
         print(f"iter {t} ({step}): pass@1 {100 * m['pass@1']:.1f}%")
 except HarnessError as e:
@@ -136,6 +139,6 @@ except HarnessError as e:
 except (DataError, CheckpointError, ConfigError, TokenizerError) as e:
     cli.fail(P, str(e))
 
-summary = write_summary(run, config)
+summary = dist.on_main(write_summary, run, config)
 print(format_table(summary))
 print(f"wrote {run.summary}, {run.root / 'report.md'} and {run.root / 'plots'}/")

@@ -20,7 +20,8 @@ parser.add_argument("--split", default="test", help="split name, resolved by the
 parser.add_argument("--data", default=None, help="a JSONL file of questions, overriding --split")
 parser.add_argument("--limit", type=int, default=None, help="only the first LIMIT questions")
 # ---- sampling
-parser.add_argument("--n", type=int, default=50, help="completions per question")
+parser.add_argument("--n", "--n-samples", type=int, default=50, dest="n",
+                    help="completions per question (under torchrun write --n-samples: it takes --n for its own)")
 parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]; 1 keeps every token")
 parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps all")
@@ -44,6 +45,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from minisirev import cli  # noqa: E402
+from minisirev import distributed as dist  # noqa: E402
 from minisirev.checkpoint import CheckpointError, ConfigError, load_model  # noqa: E402
 from minisirev.run import read_json  # noqa: E402
 from minisirev.stages import Sampling, generate_and_verify, settings_path  # noqa: E402
@@ -54,7 +56,7 @@ P = "sample.py"
 cli.check_flags(P, args, {"limit": cli.INT_GE1, "n": cli.INT_GE1, "temperature": cli.NONNEG, "top_p": cli.PROB,
                           "top_k": cli.INT_GE0, "max_new_tokens": cli.INT_GE1, "batch_size": cli.INT_GE1,
                           "max_rows": cli.INT_GE1})
-device = cli.resolve_device(P, args.device)
+device = dist.setup(P, cli.resolve_device(P, args.device))  # torchrun: each rank samples a share
 try:
     task = get_task(args.task)
     records = task.load(args.data or args.split)[:args.limit]

@@ -81,13 +81,21 @@ parser.add_argument("--attn", choices=["ref", "sdpa", "triton"], default=None,
 parser.add_argument("--fused-loss", choices=["auto", "on", "off"], default="auto",
                     help="Triton fused linear log-prob loss: auto = on CUDA only")
 parser.add_argument("--log-every", type=int, default=10, help="console line every N optimiser steps")
+# ---- scaling (torchrun; docs/distributed.md)
+parser.add_argument("--plan", type=int, nargs="?", const=0, default=None, metavar="RANKS",
+                    help="print what each of RANKS GPUs needs (default: this launch's world size) and exit")
+parser.add_argument("--gpu-memory", type=float, default=None,
+                    help="GiB per GPU the plan checks against (default: this GPU's, or 80 with none)")
+parser.add_argument("--cpu-offload", action="store_true",
+                    help="under torchrun: sharded fp32 weights, gradients and AdamW state in CPU memory")
 args = parser.parse_args()
 
 import torch  # noqa: E402  (after argparse so --help is instant)
 
-from minisirev import cli  # noqa: E402
+from minisirev import cli, plan  # noqa: E402
+from minisirev import distributed as dist  # noqa: E402
 from minisirev import training as tr  # noqa: E402
-from minisirev.checkpoint import CheckpointError, ConfigError, load_model, save_model  # noqa: E402
+from minisirev.checkpoint import CheckpointError, ConfigError, load_model  # noqa: E402
 from minisirev.report import format_table  # noqa: E402
 from minisirev.run import Run, load_inputs, read_rows, write_json, write_jsonl  # noqa: E402
 from minisirev.stages import Models, Sampling, evaluate, generate_and_verify, write_provenance, write_summary  # noqa: E402
@@ -103,13 +111,14 @@ cli.check_flags(P, args, {
     "dpo_lr": cli.POSITIVE, "epochs": cli.POSITIVE, "m1_epochs": cli.POSITIVE, "batch_size": cli.INT_GE1,
     "grad_accum": cli.INT_GE1, "warmup": cli.FRACTION, "clip": cli.POSITIVE, "beta": cli.POSITIVE,
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "nll_weight": cli.NONNEG,
-    "log_every": cli.INT_GE1})
+    "log_every": cli.INT_GE1, "plan": cli.INT_GE0, "gpu_memory": cli.POSITIVE})
 if args.n_samples < 2 and args.method != "sft":
     cli.fail(P, f"--n-samples {args.n_samples}: DPO needs pairs, so at least 2 samples per question")
 
 # -----------------------------------------------------------------------------
 # resolve the run: device, inputs, directory, and a config that must match any earlier run in that directory
-device = cli.resolve_device(P, args.device)
+device = dist.setup(P, cli.resolve_device(P, args.device))  # under torchrun: this rank's device
+sharded = dist.active()  # training under FSDP2 (sampling and evaluation: a replica per rank)
 dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
 attn = cli.default_attn(device, args.attn)
 fused = args.fused_loss == "on" or (args.fused_loss == "auto" and device.type == "cuda")
@@ -117,23 +126,33 @@ run = Run(args.out or f"runs/{args.task}-{args.method}")
 config = {**vars(args), "out": str(run.root), "attn": attn, "fused_loss": fused,
           "si_lr": args.si_lr if args.si_lr is not None else args.lr / 4,
           "dpo_lr": args.dpo_lr if args.dpo_lr is not None else args.lr / 20,
-          "eval_temperature": args.eval_temperature if args.eval_temperature is not None else args.temperature}
+          "eval_temperature": args.eval_temperature if args.eval_temperature is not None else args.temperature,
+          "world_size": dist.world()}
 try:
     inputs = load_inputs(args.task, args.data, n_train=args.n_train, n_test=args.n_test, n_ood=args.n_ood)
     tok = load_tokenizer(args.model)
 except (DataError, CheckpointError, ConfigError, TokenizerError, ValueError) as e:
     cli.fail(P, str(e))
+plan.check(P, args, inputs, tok, device, dist.world())  # --plan prints and exits; a run that cannot fit stops here
+
+
 # the run directory is touched only once the inputs are known good: a typo neither deletes nor leaves anything
-if args.force and run.root.exists():
-    shutil.rmtree(run.root)
-if (why := run.config_conflict(config)) is not None:
-    cli.fail(P, why)
-run.root.mkdir(parents=True, exist_ok=True)
-write_json(run.config, config)
+def open_run():  # on rank 0 only, under torchrun
+    if args.force and run.root.exists():
+        shutil.rmtree(run.root)
+    if (why := run.config_conflict(config)) is not None:
+        cli.fail(P, why)
+    plan.note_world_change(run.stored_config(), config)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_json(run.config, config)
+
+
+dist.on_main(open_run)
+dist.check_shared(run.config, P)
 
 train_args = tr.TrainArgs(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                           warmup=args.warmup, clip=args.clip, seed=args.seed, log_every=args.log_every,
-                          autocast_bf16=device.type == "cuda" and dtype == torch.float32,
+                          autocast_bf16=device.type == "cuda" and dtype == torch.float32 and not sharded,
                           grad_checkpoint=args.grad_checkpoint, fused=fused, sft_reduction=args.sft_reduction)
 dpo = tr.DPOArgs(beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type,
                  nll_weight=args.nll_weight)
@@ -141,6 +160,16 @@ evals = EvalSettings(n_test=args.n_test, n_ood=args.n_ood, samples=args.eval_sam
                      temperature=config["eval_temperature"], top_p=args.top_p, top_k=args.top_k,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, semantic_questions=args.semantic_questions)
 model = Models(lambda t: args.model if t == 0 else run.model(t), device=device, dtype=dtype, attn=attn)
+
+
+def train_model(t: int):
+    """M_t to train: the model in memory in one process; under torchrun this rank's FSDP2 shards, read from disk
+    (bf16 compute with fp32 master weights on CUDA)."""
+    if not sharded:
+        return model(t)
+    model.held.clear()
+    return dist.load_sharded(model.source(t), device=device, dtype=dtype, attn=attn,
+                             bf16=device.type == "cuda" and dtype == torch.float32, cpu_offload=args.cpu_offload)
 
 
 def self_samples(t: int) -> list[dict]:
@@ -156,7 +185,7 @@ t_start = time.perf_counter()
 try:
     if not args.skip_base:
         m = evaluate(run, 0, lambda: model(0), tok, inputs, evals, "base")
-        write_provenance(run, 0, config, device)
+        dist.on_main(write_provenance, run, 0, config, device)
         print(f"iter 0 (base): pass@1 {100 * m['pass@1']:.1f}%")
     for t in range(1, args.iter + 1):
         methods = tr.step_methods(args.method, t, args.schedule)
@@ -167,16 +196,16 @@ try:
             else:
                 samples = read_rows(run.samples(t - 1)) if run.samples(t - 1).exists() else self_samples(t - 1)
                 data, stats = tr.round_data(samples, methods, args.max_per_question, args.seed + t)
-            write_jsonl(run.train_data(t), [{"type": m, **row} for m in methods for row in data[m]])
+            dist.on_main(write_jsonl, run.train_data(t), [{"type": m, **row} for m in methods for row in data[m]])
             print(f"iter {t}: training {'+'.join(methods)} on {stats}")
-            policy = model(t - 1)
+            policy = train_model(t - 1)
             ref = None
             if data.get("dpo"):  # the reference's log-probs once, before any step of this round changes the policy
-                ref_model = policy if args.ref == "prev" or t == 2 else load_model(
+                ref_model = policy if args.ref == "prev" or t == 2 else train_model(1) if sharded else load_model(
                     run.model(1), device=device, dtype=dtype, attn=attn)
                 ref = tr.reference_logprobs(ref_model, tok, data["dpo"], train_args)
                 del ref_model  # DPO holds one model in memory
-            run.train_log(t).unlink(missing_ok=True)
+            dist.on_main(run.train_log(t).unlink, missing_ok=True)  # rank 0's file; the others wait
             for m in methods:
                 if not data[m]:
                     print(f"iter {t}: no usable {m} data; M_{t} = M_{t - 1} for this step")
@@ -187,12 +216,16 @@ try:
                 else:
                     tr.train_dpo(policy, tok, data["dpo"], ref, dataclasses.replace(train_args, lr=config["dpo_lr"]),
                                  run.train_log(t), dpo, desc=f"iter {t} dpo")
-            save_model(policy, run.model(t), tok)
-            model.put(t, policy)
+            dist.save_full(policy, run.model(t), tok)  # one process: save_model; torchrun: gathered on rank 0
+            if sharded:  # under torchrun M_t is sampled from a full replica per rank, read back from disk
+                model.held.clear()
+            else:
+                model.put(t, policy)
+            del policy
         if t == 1 or t < args.iter:  # ---- M_t's samples: M1's coverage, the next round's data
             self_samples(t)
         m = evaluate(run, t, lambda: model(t), tok, inputs, evals, "+".join(methods))  # ---- evaluate M_t
-        write_provenance(run, t, config, device)
+        dist.on_main(write_provenance, run, t, config, device)
         print(f"iter {t} ({m['step_method']}): pass@1 {100 * m['pass@1']:.1f}%")
 except tr.TrainingDiverged as e:
     last = f"{run.model(t - 1)}" if t > 1 else args.model
@@ -204,6 +237,6 @@ except (DataError, CheckpointError, ConfigError, TokenizerError) as e:
 
 # -----------------------------------------------------------------------------
 # summary, report, and the console table
-summary = write_summary(run, config)
+summary = dist.on_main(write_summary, run, config)
 print(format_table(summary))
 print(f"done in {time.perf_counter() - t_start:.0f} s; run directory: {run.root} (report: {run.root / 'report.md'})")

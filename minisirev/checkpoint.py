@@ -125,10 +125,12 @@ def load_model(src: str | Path, *, device="cpu", dtype: torch.dtype | None = Non
 
 # ---- saving ---------------------------------------------------------------------------------------------------
 
-def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, *, max_shard_bytes: int = 5 * 2**30):
+def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, *, max_shard_bytes: int = 5 * 2**30,
+               state: dict[str, torch.Tensor] | None = None):
     """Write `out_dir` as a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained` loads with
     identical logits: config.json, generation_config.json, model.safetensors (or shards of at most
     max_shard_bytes plus model.safetensors.index.json), and the tokenizer's files when one is given.
+    `state` replaces model.state_dict() (a sharded model's state gathered by distributed.save_full).
 
     Atomic: written into `.NAME.tmp-PID` beside the target, fsynced, then renamed; an existing target is moved
     aside first and removed last, so a crash never leaves a half checkpoint under the target's name."""
@@ -146,7 +148,8 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer=None, *, max_s
         gen = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id, "pad_token_id": config.pad_id}
         _write_json(tmp / "generation_config.json", gen)
 
-        state = {to_hf_name(n): t.detach().to("cpu").contiguous() for n, t in model.state_dict().items()}
+        state = model.state_dict() if state is None else state
+        state = {to_hf_name(n): t.detach().to("cpu").contiguous() for n, t in state.items()}
         _save_shards(state, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -77,7 +77,8 @@ def append_jsonl(path: Path, row: dict) -> None:
 # ---- the run directory ----------------------------------------------------------------------------------------
 
 # flags that may change between a run and its resumption: they do not change what the run computes
-NOT_COMPARED = ("iter", "force", "log_every", "device", "out", "skip_base")
+NOT_COMPARED = ("iter", "force", "log_every", "device", "out", "skip_base", "world_size", "plan", "gpu_memory",
+                "cpu_offload")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from minisirev import distributed as dist
 from minisirev import metrics as M
 from minisirev.run import Inputs, Run, append_jsonl, read_json, read_partial_rows, read_rows, write_json, write_jsonl
 from minisirev.tasks import HarnessError
@@ -120,25 +121,30 @@ def generate_and_verify(model, tok, task, records: list[dict], out: Path, sampli
     rows = read_partial_rows(partial) if same else []
     chunk = chunk or max(1, min(256, ROWS_PER_CHUNK // sampling.n))
     rows = rows[:len(rows) // chunk * chunk]  # a chunk cut short by a kill is redone whole
-    out.unlink(missing_ok=True)
-    write_json(sp, settings)  # (makes out's directory)
-    write_jsonl(partial, rows)
+    dist.barrier()  # under torchrun: every rank has read the files before rank 0 rewrites them
+    main = dist.is_main()
+    if main:
+        out.unlink(missing_ok=True)
+        write_json(sp, settings)  # (makes out's directory)
+        write_jsonl(partial, rows)
     s, t0, n_tokens = sampling, time.perf_counter(), 0
     gen_kw = gen_kw or {}
-    with open(partial, "a") as f, tqdm(total=len(records), initial=len(rows), desc=desc, unit="q",
-                                       leave=False) as bar:
+    with dist.sink(partial) as f, tqdm(total=len(records), initial=len(rows), desc=desc, unit="q", leave=False,
+                                       **dist.quiet()) as bar:
         for c in range(len(rows) // chunk, math.ceil(len(records) / chunk)):
             recs = records[c * chunk:(c + 1) * chunk]
             prompts = [task.prompt(ex) for ex in recs]
-            outs = generate(model, [tok.encode_prompt(p) for p in prompts], n=s.n, max_new_tokens=s.max_new_tokens,
-                            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop_ids=stop_ids(tok),
-                            seed=s.seed, keys=list(range(c * chunk, c * chunk + len(recs))), **gen_kw)
+            # under torchrun each rank draws (and below grades) its share of the chunk; all get every result
+            outs = dist.map_shards(lambda ps, ks: generate(
+                model, ps, n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                top_k=s.top_k, stop_ids=stop_ids(tok), seed=s.seed, keys=ks, **gen_kw),
+                [tok.encode_prompt(p) for p in prompts], list(range(c * chunk, c * chunk + len(recs))))
             texts = [[tok.decode(ids) for ids in per_prompt] for per_prompt in outs]
             try:
-                verdicts = task.is_correct_batch([ex for ex, ts in zip(recs, texts) for _ in ts],
-                                                 [t for ts in texts for t in ts])
+                verdicts = dist.map_shards(task.is_correct_batch, [ex for ex, ts in zip(recs, texts) for _ in ts],
+                                           [t for ts in texts for t in ts])
             except HarnessError as e:  # the chunk is not written: its verdicts do not exist
-                if log is not None:
+                if log is not None and main:
                     append_jsonl(log, {"stage": desc, "file": str(out), "harness_errors": e.count, "error": str(e)})
                 raise
             for j, (ex, prompt, ts) in enumerate(zip(recs, prompts, texts)):
@@ -154,14 +160,19 @@ def generate_and_verify(model, tok, task, records: list[dict], out: Path, sampli
             n_tokens += sum(len(ids) for per_prompt in outs for ids in per_prompt)
             bar.update(len(recs))
             bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - t0):.0f}")
-    os.replace(partial, out)
+    if main:
+        os.replace(partial, out)
     if log is not None:
         correct = sum(sum(r["correct"]) for r in rows)
-        harness = task.harness_stats(reset=True) if hasattr(task, "harness_stats") else {}
-        append_jsonl(log, {"stage": desc, "file": str(out), "questions": len(rows), "completions": len(rows) * s.n,
-                           "correct": correct, "programs_run": harness.get("programs", 0),
-                           "harness_errors": harness.get("harness_errors", 0),
-                           "seconds": round(time.perf_counter() - t0, 1)})
+        # under torchrun every rank graded a share: its counts are summed
+        harness = dist.sum_counts(task.harness_stats(reset=True) if hasattr(task, "harness_stats") else {})
+        if main:
+            append_jsonl(log, {"stage": desc, "file": str(out), "questions": len(rows),
+                               "completions": len(rows) * s.n, "correct": correct,
+                               "programs_run": harness.get("programs", 0),
+                               "harness_errors": harness.get("harness_errors", 0),
+                               "seconds": round(time.perf_counter() - t0, 1)})
+    dist.barrier()  # OUT is on disk before any rank reads it
     return rows
 
 
@@ -190,14 +201,16 @@ def evaluate(run: Run, t: int, model: Callable, tok, inputs: Inputs, settings: E
         if not is_done(out, {**dataclasses.asdict(sampling), "records": len(records), "task": task.name}):
             generate_and_verify(model(), tok, task, records, out, sampling, desc=f"iter {t} {name}", log=run.log)
             fresh = True
-    pq_path = run.iter_dir(t) / "eval" / "per_question.json"
-    if fresh or not pq_path.exists():
-        write_json(pq_path, per_question(run, t, semantic_questions=e.semantic_questions))
-    if fresh or not run.metrics(t).exists():
-        write_json(run.metrics(t), compute_metrics(run, t, step_method, seed=seed))
-        write_json(run.iter_dir(t) / "transitions.json", transitions(run, t))
-        if inputs.task.name in SECOND_VERIFIER_TASKS:
-            write_json(run.iter_dir(t) / "second_verifier.json", second_opinion(run, t, inputs))
+    if dist.is_main():  # under torchrun rank 0 derives and writes; the others wait, then read
+        pq_path = run.iter_dir(t) / "eval" / "per_question.json"
+        if fresh or not pq_path.exists():
+            write_json(pq_path, per_question(run, t, semantic_questions=e.semantic_questions))
+        if fresh or not run.metrics(t).exists():
+            write_json(run.metrics(t), compute_metrics(run, t, step_method, seed=seed))
+            write_json(run.iter_dir(t) / "transitions.json", transitions(run, t))
+            if inputs.task.name in SECOND_VERIFIER_TASKS:
+                write_json(run.iter_dir(t) / "second_verifier.json", second_opinion(run, t, inputs))
+    dist.barrier()
     return read_json(run.metrics(t))
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minisirev.losses import IGNORE, dpo_loss, sequence_logprobs, sft_loss
+from minisirev import distributed as dist
+from minisirev.losses import IGNORE, dpo_loss, sequence_logprobs
 
 # ---- the schedule ---------------------------------------------------------------------------------------------
 
@@ -161,18 +162,22 @@ def lr_at(step: int, total: int, args: TrainArgs) -> float:
 
 
 def optimise(model, batches: list, loss_fn, args: TrainArgs, log_path: Path, desc: str) -> list[dict]:
-    """AdamW over `batches` (each micro-batch passed to loss_fn(model, batch) -> (loss, stats, n_tokens)),
-    grad_accum micro-batches per step, warmup + cosine, gradient clipping, bf16 autocast on CUDA when asked.
+    """AdamW over `batches` (each micro-batch passed to loss_fn(model, batch) -> (terms, stats, n_tokens): loss
+    terms (coef, sum, count) and stats {name: (sum, count)}, combined by distributed.reduce_terms into
+    sum_i coef_i * sum_i / count_i), grad_accum micro-batches per step, warmup + cosine, gradient clipping, bf16
+    autocast on CUDA when asked. Under torchrun each rank takes its share of every micro-batch and the counts
+    are summed over the ranks, so K ranks take the single process's steps.
     One JSONL line per step appended to log_path (tagged with `desc`); a console line every log_every steps;
     raises TrainingDiverged on a NaN or inf loss before the bad step touches the weights."""
     model.train()
     model.checkpoint_blocks = args.grad_checkpoint
+    dist.reshard(model)  # FSDP2: the optimiser must hold the sharded parameters
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                             foreach=device.type == "cuda")
     total = max(1, math.ceil(len(batches) / args.grad_accum))
     log = []
-    with open(log_path, "a") as logf, tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
+    with dist.sink(log_path) as logf, tqdm(total=total, desc=desc, unit="step", leave=False, **dist.quiet()) as bar:
         for step in range(total):
             t0 = time.perf_counter()
             lr = lr_at(step, total, args)
@@ -181,16 +186,18 @@ def optimise(model, batches: list, loss_fn, args: TrainArgs, log_path: Path, des
             micro = batches[step * args.grad_accum:(step + 1) * args.grad_accum]
             loss_sum, tokens, stats_sum = 0.0, 0, {}
             for batch in micro:
+                part, live = dist.shard_batch(batch)
                 with autocast(device, args):
-                    loss, stats, n_tok = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"{desc}: loss is {loss.item()} at step {step + 1}/{total}")
+                    terms, stats, n_tok = loss_fn(model, part)
+                loss, value, stats, n_tok = dist.reduce_terms(terms, stats, n_tok, live)
+                if not torch.isfinite(value):
+                    raise TrainingDiverged(f"{desc}: loss is {value.item()} at step {step + 1}/{total}")
                 (loss / len(micro)).backward()
-                loss_sum += loss.item() / len(micro)
+                loss_sum += value.item() / len(micro)
                 tokens += n_tok
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v / len(micro)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip).item()
+            grad_norm = dist.full(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)).item()
             if not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"{desc}: gradient norm is {grad_norm} at step {step + 1}/{total}")
             opt.step()
@@ -236,9 +243,19 @@ def train_sft(model, tok, data: list[dict], args: TrainArgs, log_path: Path, *, 
     def loss_fn(model, rows):
         ids, labels = collate(rows, tok.pad_id or 0, device)
         sums, counts = sequence_logprobs(model, ids, labels, fused=args.fused)
-        return sft_loss(sums, counts, args.sft_reduction), {}, int(counts.sum())
+        return [(1.0, *sft_term(sums, counts, args.sft_reduction))], {}, int(counts.sum())
 
     return optimise(model, batches, loss_fn, args, log_path, desc)
+
+
+def sft_term(sums: torch.Tensor, counts: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """losses.sft_loss as (numerator, denominator): "mean" = -sum of log-probs / labelled tokens, "sum" = -sum of
+    log-probs / sequences. Split so that the denominator can be summed over ranks."""
+    if reduction == "mean":
+        return -sums.sum(), counts.sum()
+    if reduction == "sum":
+        return -sums.sum(), len(sums)
+    raise ValueError(f"unknown SFT reduction {reduction!r}; choose 'mean' or 'sum'")
 
 
 @torch.no_grad()
@@ -248,15 +265,16 @@ def reference_logprobs(model, tok, pairs: list[dict], args: TrainArgs) -> list[t
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for i in tqdm(range(0, len(pairs), args.batch_size), desc="reference log-probs", leave=False):
-        chunk = pairs[i:i + args.batch_size]
+    for i in tqdm(range(0, len(pairs), args.batch_size), desc="reference log-probs", leave=False, **dist.quiet()):
+        chunk, live = dist.shard_batch(pairs[i:i + args.batch_size])  # under torchrun: this rank's share
         rows = [encode_example(tok, p["prompt"], p["chosen"]) for p in chunk]
         rows += [encode_example(tok, p["prompt"], p["rejected"]) for p in chunk]
         ids, labels = collate(rows, tok.pad_id or 0, device)
         with autocast(device, args):
             sums, _ = sequence_logprobs(model, ids, labels, fused=args.fused)
         sums = sums.float().cpu()
-        out += list(zip(sums[:len(chunk)].tolist(), sums[len(chunk):].tolist()))
+        mine = list(zip(sums[:len(chunk)].tolist(), sums[len(chunk):].tolist()))
+        out += dist.gather(mine if live else [], len(pairs[i:i + args.batch_size]))
     return out
 
 
@@ -278,11 +296,11 @@ def train_dpo(model, tok, pairs: list[dict], ref: list[tuple[float, float]], arg
         ref_r = torch.tensor([ref[i][1] for i in idx], device=device)
         losses, r_c, r_r = dpo_loss(sums[:P].float(), sums[P:].float(), ref_c, ref_r, beta=dpo.beta,
                                     label_smoothing=dpo.label_smoothing, loss_type=dpo.loss_type)
-        loss = losses.mean()
+        terms = [(1.0, losses.sum(), P)]  # the mean over pairs
         if dpo.nll_weight > 0:  # RPO: keep the chosen answers likely
-            loss = loss + dpo.nll_weight * sft_loss(sums[:P], counts[:P], "mean")
-        stats = {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
-                 "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item()}
-        return loss, stats, int(counts.sum())
+            terms.append((dpo.nll_weight, *sft_term(sums[:P], counts[:P], "mean")))
+        stats = {"rewards/chosen": (r_c.sum(), P), "rewards/rejected": (r_r.sum(), P),
+                 "rewards/margins": ((r_c - r_r).sum(), P), "rewards/accuracies": ((r_c > r_r).float().sum(), P)}
+        return terms, stats, int(counts.sum())
 
     return optimise(model, index_batches, loss_fn, args, log_path, desc)
