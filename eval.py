@@ -43,6 +43,9 @@ parser.add_argument("--max-new-tokens", type=int, default=None,
 parser.add_argument("--seed", type=int, default=None, help=f"sampling seed (default {E.seed})")
 parser.add_argument("--semantic-questions", type=int, default=None,
                     help="questions the semantic diversity is averaged over (default 0 = all)")
+parser.add_argument("--semantic-samples", type=int, default=None,
+                    help=f"samples per question and group the semantic diversity uses (default {E.semantic_samples}; "
+                         "0 = all)")
 # ---- system
 parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 parser.add_argument("--attn", choices=["ref", "sdpa", "triton"], default=None, help="attention backend")
@@ -63,7 +66,8 @@ if sum(x is not None for x in (args.run, args.model, args.compare)) != 1:
     cli.fail(P, "give exactly one of --run DIR, --model CHECKPOINT or --compare RUN [RUN ...]")
 cli.check_flags(P, args, {"n_test": cli.INT_GE0, "n_ood": cli.INT_GE0, "eval_samples": cli.INT_GE1,
                           "eval_temperature": cli.NONNEG, "top_p": cli.PROB, "top_k": cli.INT_GE0,
-                          "max_new_tokens": cli.INT_GE1, "semantic_questions": cli.INT_GE0})
+                          "max_new_tokens": cli.INT_GE1, "semantic_questions": cli.INT_GE0,
+                          "semantic_samples": cli.INT_GE0})
 
 # -----------------------------------------------------------------------------
 # --compare: one report over finished runs, nothing evaluated
@@ -106,7 +110,8 @@ settings = EvalSettings(n_test=pick("n_test", "n_test", E.n_test), n_ood=pick("n
                         top_p=pick("top_p", "top_p", E.top_p), top_k=pick("top_k", "top_k", E.top_k),
                         max_new_tokens=pick("max_new_tokens", "max_new_tokens", E.max_new_tokens),
                         seed=pick("seed", "seed", E.seed),
-                        semantic_questions=pick("semantic_questions", "semantic_questions", E.semantic_questions))
+                        semantic_questions=pick("semantic_questions", "semantic_questions", E.semantic_questions),
+                        semantic_samples=pick("semantic_samples", "semantic_samples", E.semantic_samples))
 device = dist.setup(P, cli.resolve_device(P, args.device))  # torchrun: each rank evaluates a share
 attn = cli.default_attn(device, args.attn)
 try:
@@ -120,7 +125,7 @@ run.root.mkdir(parents=True, exist_ok=True)
 config.update({"n_test": settings.n_test, "n_ood": settings.n_ood, "eval_samples": settings.samples,
                "eval_temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
                "max_new_tokens": settings.max_new_tokens, "seed": settings.seed,
-               "semantic_questions": settings.semantic_questions})
+               "semantic_questions": settings.semantic_questions, "semantic_samples": settings.semantic_samples})
 dist.on_main(write_json, run.config, config)
 
 # -----------------------------------------------------------------------------

@@ -51,6 +51,8 @@ parser.add_argument("--eval-temperature", type=float, default=None,
                     help="temperature of those samples (default: --temperature; 0 = greedy)")
 parser.add_argument("--semantic-questions", type=int, default=E.semantic_questions,
                     help="questions the semantic (MiniLM) diversity is averaged over, the first ones; 0 = all")
+parser.add_argument("--semantic-samples", type=int, default=E.semantic_samples,
+                    help="samples per question (and correct/incorrect group) the semantic diversity uses; 0 = all")
 # ---- optimisation
 parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of M1's SFT on gold solutions (AdamW)")
 parser.add_argument("--si-lr", type=float, default=None,
@@ -107,7 +109,8 @@ cli.check_flags(P, args, {
     "iter": cli.INT_GE1, "n_train": cli.INT_GE1, "n_test": cli.INT_GE0, "n_ood": cli.INT_GE0,
     "n_samples": cli.INT_GE1, "temperature": cli.NONNEG, "top_p": cli.PROB, "top_k": cli.INT_GE0,
     "max_new_tokens": cli.INT_GE1, "max_per_question": cli.INT_GE1, "eval_samples": cli.INT_GE1,
-    "eval_temperature": cli.NONNEG, "semantic_questions": cli.INT_GE0, "lr": cli.POSITIVE, "si_lr": cli.POSITIVE,
+    "eval_temperature": cli.NONNEG, "semantic_questions": cli.INT_GE0, "semantic_samples": cli.INT_GE0,
+    "lr": cli.POSITIVE, "si_lr": cli.POSITIVE,
     "dpo_lr": cli.POSITIVE, "epochs": cli.POSITIVE, "m1_epochs": cli.POSITIVE, "batch_size": cli.INT_GE1,
     "grad_accum": cli.INT_GE1, "warmup": cli.FRACTION, "clip": cli.POSITIVE, "beta": cli.POSITIVE,
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "nll_weight": cli.NONNEG,
@@ -158,7 +161,8 @@ dpo = tr.DPOArgs(beta=args.beta, label_smoothing=args.label_smoothing, loss_type
                  nll_weight=args.nll_weight)
 evals = EvalSettings(n_test=args.n_test, n_ood=args.n_ood, samples=args.eval_samples,
                      temperature=config["eval_temperature"], top_p=args.top_p, top_k=args.top_k,
-                     max_new_tokens=args.max_new_tokens, seed=args.seed, semantic_questions=args.semantic_questions)
+                     max_new_tokens=args.max_new_tokens, seed=args.seed, semantic_questions=args.semantic_questions,
+                     semantic_samples=args.semantic_samples)
 model = Models(lambda t: args.model if t == 0 else run.model(t), device=device, dtype=dtype, attn=attn)
 
 

@@ -273,7 +273,8 @@ DIVERSITY_MEASURES = ("distinct_n", "semantic", "equations")
 
 
 def diversity_per_question(groups: dict[str, Sequence[Sequence[str]]], encoder: Any = None, *,
-                           semantic: bool = True, semantic_questions: int | None = None) -> dict[str, dict]:
+                           semantic: bool = True, semantic_questions: int | None = None,
+                           semantic_samples: int | None = None) -> dict[str, dict]:
     """Per-question diversity of several named groups of samples (e.g. {"correct": [...], "incorrect": [...]}).
 
     groups[name][i] holds question i's texts in that group. Returns, for each name,
@@ -281,8 +282,11 @@ def diversity_per_question(groups: dict[str, Sequence[Sequence[str]]], encoder: 
          "equations": [distinct_equations or None], "semantic_unavailable": "reason"  (only when it applies)}
     with one entry per question; None where the question has fewer than two texts in the group (nothing to
     compare), and for "semantic" also beyond the first `semantic_questions` usable questions (None: all) or when
-    no encoder could be loaded. Every text of every group goes through ONE `encoder.encode` call, each distinct
-    text once (self-improved models repeat themselves, so this often halves the encoding work).
+    no encoder could be loaded. The semantic value of a question is over its first `semantic_samples` texts in the
+    group (None: all); samples are independent draws, so the first S are a random subset and the mean pairwise
+    similarity over them estimates the one over all without bias, at S (S - 1) / 2 pairs instead of n (n - 1) / 2
+    (the encoder dominates the evaluation's CPU time). Every text of every group goes through ONE
+    `encoder.encode` call, each distinct text once (self-improved models repeat themselves).
     """
     out: dict[str, dict] = {}
     jobs: dict[str, list[tuple[int, list[str]]]] = {}  # group -> (question, texts) whose semantic value is wanted
@@ -298,7 +302,8 @@ def diversity_per_question(groups: dict[str, Sequence[Sequence[str]]], encoder: 
         elif not semantic:
             d["semantic_unavailable"] = "semantic diversity not requested"
         else:
-            jobs[name] = [(i, qs[i]) for i in (usable[:semantic_questions] if semantic_questions else usable)]
+            jobs[name] = [(i, qs[i][:semantic_samples or None])
+                          for i in (usable[:semantic_questions] if semantic_questions else usable)]
         out[name] = d
     if not jobs:
         return out
@@ -408,7 +413,8 @@ def _no_ood() -> dict:
 def per_question(*, greedy_correct: Sequence[bool], sample_texts: Sequence[Sequence[str]],
                  sample_verdicts: Sequence[Sequence[bool]], ids: Sequence[Any] | None = None,
                  ood_levels: Sequence[int | None] | None = None, ood_correct: Sequence[bool] | None = None,
-                 encoder: Any = None, semantic: bool = True, semantic_questions: int | None = None) -> dict:
+                 encoder: Any = None, semantic: bool = True, semantic_questions: int | None = None,
+                 semantic_samples: int | None = None) -> dict:
     """One model's evaluation, per question, as plain JSON (everything the metrics, intervals and tests need):
 
         {"ids": [test question id],                  default 0..N-1
@@ -438,7 +444,8 @@ def per_question(*, greedy_correct: Sequence[bool], sample_texts: Sequence[Seque
             "greedy": [bool(x) for x in greedy_correct],
             "counts": [list(c) for c in counts_from_verdicts(sample_verdicts)],
             "diversity": diversity_per_question(groups, encoder, semantic=semantic,
-                                                semantic_questions=semantic_questions),
+                                                semantic_questions=semantic_questions,
+                                                semantic_samples=semantic_samples),
             "ood_levels": None if ood_levels is None else [None if lv is None else int(lv) for lv in ood_levels],
             "ood_correct": None if ood_correct is None else [bool(x) for x in ood_correct]}
 

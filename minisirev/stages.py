@@ -54,6 +54,7 @@ class EvalSettings:
     max_new_tokens: int = 192  # the longest gold solution of arith's level 5 is 161 tokens
     seed: int = 0
     semantic_questions: int = 0  # questions the semantic diversity is averaged over (0 = all)
+    semantic_samples: int = 8  # samples per question and group it is computed over (0 = all): the encoder's cost
 
 
 def stop_ids(tok) -> tuple[int, ...]:
@@ -204,7 +205,8 @@ def evaluate(run: Run, t: int, model: Callable, tok, inputs: Inputs, settings: E
     if dist.is_main():  # under torchrun rank 0 derives and writes; the others wait, then read
         pq_path = run.iter_dir(t) / "eval" / "per_question.json"
         if fresh or not pq_path.exists():
-            write_json(pq_path, per_question(run, t, semantic_questions=e.semantic_questions))
+            write_json(pq_path, per_question(run, t, semantic_questions=e.semantic_questions,
+                                         semantic_samples=e.semantic_samples))
         if fresh or not run.metrics(t).exists():
             write_json(run.metrics(t), compute_metrics(run, t, step_method, seed=seed))
             write_json(run.iter_dir(t) / "transitions.json", transitions(run, t))
@@ -214,7 +216,7 @@ def evaluate(run: Run, t: int, model: Callable, tok, inputs: Inputs, settings: E
     return read_json(run.metrics(t))
 
 
-def per_question(run: Run, t: int, *, semantic_questions: int = 0) -> dict:
+def per_question(run: Run, t: int, *, semantic_questions: int = 0, semantic_samples: int = 0) -> dict:
     """metrics.per_question of M_t from its generation files."""
     greedy = read_rows(run.eval_file(t, "test_greedy"))
     samples = read_rows(run.eval_file(t, "test_samples"))
@@ -224,7 +226,7 @@ def per_question(run: Run, t: int, *, semantic_questions: int = 0) -> dict:
                           sample_verdicts=[r["correct"] for r in samples],
                           ood_levels=None if ood is None else [r.get("level") for r in ood],
                           ood_correct=None if ood is None else [bool(r["correct"][0]) for r in ood],
-                          semantic_questions=semantic_questions or None)
+                          semantic_questions=semantic_questions or None, semantic_samples=semantic_samples or None)
 
 
 def load_per_question(run: Run, t: int) -> dict | None:

@@ -249,6 +249,11 @@ def test_diversity_per_question_one_call_for_all_groups():
     capped = metrics.diversity_per_question(groups, BagOfLetters(), semantic_questions=1)
     assert capped["correct"]["semantic"][1:] == [None, None] and capped["correct"]["distinct_n"][2] is not None
     assert metrics.summarise_diversity(capped["correct"])["semantic_questions"] == 1
+    # semantic_samples: the semantic value is over each question's first S texts; the other measures over all
+    first2 = metrics.diversity_per_question(groups, BagOfLetters(), semantic_samples=2)
+    assert first2["correct"]["semantic"][2] == pytest.approx(semantic_diversity(["b", "c"], BagOfLetters()))
+    assert first2["correct"]["semantic"][2] != pytest.approx(got["correct"]["semantic"][2])
+    assert first2["correct"]["distinct_n"] == got["correct"]["distinct_n"]
 
 
 def _fake_eval(seed: int, n_q: int = 40, n: int = 6, p: float = 0.5, n_ood: int = 60):
