@@ -1,13 +1,13 @@
-"""Compile every autotune config of the attention kernels for a GPU that is not here, and read the machine code.
+"""Compile every autotune config of the Triton kernels for a GPU that is not here, and read the machine code.
 
     python -m kernels.compile_check               # the cases the model uses, a table on stdout
     python -m kernels.compile_check --json        # the same rows as JSON lines (tests/test_kernel_compile.py)
     python -m kernels.compile_check --arch 100    # another target (default 90: Hopper, compiled as sm_90a)
 
-How: the real launchers of kernels/attention.py run on meta-device tensors (no data, no GPU) while
-`JITFunction.run` and `Autotuner.run` are patched: instead of launching, every launch is compiled with
-`triton.compile(..., target=GPUTarget("cuda", arch, 32))`, once per autotune config that the kernel's own
-`early_config_prune` keeps for those arguments. So the signature, the stride and alignment specialisations and
+How: the real launchers of kernels/attention.py and kernels/linear_logprobs.py run on meta-device tensors (no
+data, no GPU) while `JITFunction.run` and `Autotuner.run` are patched: instead of launching, every launch is
+compiled with `triton.compile(..., target=GPUTarget("cuda", arch, 32))`, once per autotune config that the kernel's
+own `early_config_prune` keeps for those arguments. So the signature, the stride and alignment specialisations and
 the constexprs are exactly those of a real call. The cubin is then read with Triton's bundled `cuobjdump`:
 `-res-usage` gives registers and the stack frame, `-sass` the instructions, where local-memory traffic (STL / LDL,
 i.e. register spills) is counted, and counted separately when it sits inside a loop (between a backward branch
@@ -43,6 +43,7 @@ class Row:
     spill_instrs: int  # STL / LDL instructions in the whole kernel
     loop_spill_instrs: int  # of which inside a loop
     fp_fusion: bool  # the enable_fp_fusion option the launch compiled with
+    aligned: list[str]  # arguments specialised as multiples of 16 (pointers 16-byte aligned), which vectorise
     compile_s: float
 
 
@@ -101,9 +102,14 @@ def compile_instead_of_launch(arch: int, rows: list[Row], case: str):
         kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target,
                                 options=options.__dict__)
         regs, stack, spills, loop_spills = read_cubin(kernel.asm["cubin"])
-        bm, bn = kwargs.get("BLOCK_M", "-"), kwargs.get("BLOCK_N", "-")
-        rows.append(Row(case, self.__name__, f"{bm}x{bn} w{options.num_warps} s{options.num_stages}", regs, stack,
-                        spills, loop_spills, options.enable_fp_fusion, round(time.time() - t0, 1)))
+        tile = ("BLOCK_N", "BLOCK_V") if "BLOCK_V" in kwargs else ("BLOCK_M", "BLOCK_N")  # rows x columns
+        config = f"{kwargs.get(tile[0], '-')}x{kwargs.get(tile[1], '-')} w{options.num_warps} s{options.num_stages}"
+        aligned = sorted(self.arg_names[k[0]] for k, v in attrs.items() if ["tt.divisibility", 16] in v)
+        if any((r.case, r.kernel, r.config, r.aligned) == (case, self.__name__, config, aligned) for r in rows):
+            return  # the same compilation again (the log-prob kernels run once per logits tile)
+
+        rows.append(Row(case, self.__name__, config, regs, stack,
+                        spills, loop_spills, options.enable_fp_fusion, aligned, round(time.time() - t0, 1)))
 
     def autotune_run(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
@@ -153,6 +159,16 @@ def model_cases(full: bool = False):
             A.flash_decode(q, k, v, torch.empty(1, dtype=torch.int32, device="meta"), num_splits=4)
         return run
 
+    def logprobs(dtype):
+        def run():  # V = 32001 in one column chunk at N = 2048: the tile row stride would be odd unpadded
+            from kernels import linear_logprobs as L
+            N, C, V = 2048, 4096, 32001
+            h, w = (torch.empty(n, C, dtype=dtype, device="meta") for n in (N, V))
+            t = torch.empty(N, dtype=torch.long, device="meta")
+            _, lse = L._logprobs_fwd(h, w, t, None, -100)
+            L._logprobs_bwd(torch.empty(N, device="meta"), h, w, t, None, lse, -100, (True, True, False))
+        return run
+
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     train_dtypes = [torch.bfloat16, torch.float16] if full else [torch.bfloat16]
     for D in (128, 64, 32):
@@ -163,6 +179,8 @@ def model_cases(full: bool = False):
         yield f"decode fp32 D={D}", decode(torch.float32, D)
         if D == 128 or full:
             yield f"decode bf16 D={D}", decode(torch.bfloat16, D)
+    for dtype in (torch.bfloat16, torch.float32):
+        yield f"logprobs {names[dtype]} V=32001", logprobs(dtype)
 
 
 def config_name(c) -> str:

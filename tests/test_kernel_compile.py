@@ -1,4 +1,4 @@
-"""The spill guard: every autotune config of every attention kernel, at the head dims and dtypes the model uses,
+"""The spill guard: every autotune config of every Triton kernel, at the head dims and dtypes the model uses,
 compiled for sm_90a on this CPU (kernels/compile_check.py: the real launchers on meta tensors, triton.compile for
 GPUTarget("cuda", 90, 32), the cubin read with Triton's bundled cuobjdump), must use no local memory at all: no
 stack frame and no STL / LDL instruction, in or outside a loop. A spill in the key loop costs on every tile (the
@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-           "_decode_kernel", "_decode_reduce_kernel"}
+           "_decode_kernel", "_decode_reduce_kernel", "_logprobs_fwd_kernel", "_logprobs_bwd_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,13 @@ def test_every_config_compiles_without_spills(report):
 def test_every_launch_asks_for_fp_fusion(report):
     """The online softmax relies on FMA contraction, and Triton's default turns it off from 3.10."""
     assert all(r["fp_fusion"] for r in report[0])
+
+
+def test_logits_tile_rows_are_aligned_for_an_odd_vocabulary(report):
+    """V = 32001: the log-prob kernels see a row stride Triton specialises as a multiple of 16 (it is padded to 64
+    elements), so their row loads vectorise; an odd stride would compile to scalar loads."""
+    rows = [r for r in report[0] if r["kernel"].startswith("_logprobs")]
+    assert rows and all("stride_z" in r["aligned"] for r in rows)
 
 
 def test_every_autotune_config_is_compiled(report):
