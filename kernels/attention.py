@@ -62,11 +62,13 @@ def _configs(shapes):
 # the table). 128 x 128 score tiles need 8 warps at D = 128; dK/dV keep two [BLOCK_N, D] fp32 accumulators and
 # the K, V tiles resident, hence their narrow tiles. fp32 inputs (the KV cache, the prefill) use tf32x3 dots, which
 # hold each operand as two tf32 halves: they get their own, smaller forward tiles, each with the largest head dim
-# at which it stays spill-free (_FP32_FWD).
+# at which it stays spill-free (_FP32_FWD). The sliding window adds a third masked key loop, in which 128 x 128
+# tiles spill: windowed launches keep tiles of at most _WINDOW_MAX_TILE scores.
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)])
-_FP32_FWD = {(64, 16, 4, 2): 128, (64, 32, 4, 2): 64, (128, 32, 8, 2): 64}
+_FP32_FWD = {(64, 16, 4, 1): 128, (64, 32, 4, 2): 64, (128, 32, 8, 2): 64}
+_WINDOW_MAX_TILE = 128 * 64
 _FWD_CONFIGS += _configs(list(_FP32_FWD))
-_DKDV_CONFIGS = _configs([(32, 32, 4, 3), (32, 32, 4, 2), (16, 64, 4, 1)])
+_DKDV_CONFIGS = _configs([(32, 32, 4, 2), (16, 64, 4, 1)])
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)])
 _DECODE_BLOCK_N, _DECODE_STAGES = 64, 3
 
@@ -88,11 +90,12 @@ _WIDEN_BF16_DOTS: tl.constexpr = tl.constexpr(_INTERPRET)
 def _pruner(resident_m: int, resident_n: int, streamed_m: int, streamed_n: int, fp32_configs=None):
     """An early_config_prune. Drops tiles whose buffers would not fit in ~200 KB of shared memory (H100: 228 KB):
     `resident_*` tiles of BLOCK_M / BLOCK_N rows stay for the whole program, `streamed_*` ones are pipelined
-    num_stages deep; D=256 keeps tiles at most 64 x 64 (register pressure). With `fp32_configs` ({(BLOCK_M,
-    BLOCK_N, warps, stages): largest BLOCK_D}), fp32 inputs get exactly those (within their head dims) and 16-bit
-    inputs all the others."""
+    num_stages deep; D=256 keeps tiles at most 64 x 64 and a window at most _WINDOW_MAX_TILE scores (register
+    pressure). With `fp32_configs` ({(BLOCK_M, BLOCK_N, warps, stages): largest BLOCK_D}), fp32 inputs get exactly
+    those (within their head dims) and 16-bit inputs all the others."""
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        windowed = kwargs.get("HAS_WINDOW", named_args.get("HAS_WINDOW"))
         q = named_args.get("Q")
         esize = q.element_size() if hasattr(q, "element_size") else 2
         kept = []
@@ -103,7 +106,9 @@ def _pruner(resident_m: int, resident_n: int, streamed_m: int, streamed_n: int, 
                 if (esize == 4) != (max_d is not None) or (max_d is not None and block_d > max_d):
                     continue
             rows = resident_m * bm + resident_n * bn + c.num_stages * (streamed_m * bm + streamed_n * bn)
-            if esize * block_d * rows <= 200 * 1024 and not (block_d >= 256 and bm * bn > 64 * 64):
+            if esize * block_d * rows > 200 * 1024 or (block_d >= 256 and bm * bn > 64 * 64):
+                continue
+            if not (windowed and bm * bn > _WINDOW_MAX_TILE):
                 kept.append(c)
         return kept or configs[-1:]
     return prune

@@ -129,7 +129,8 @@ def model_cases(full: bool = False):
     """(name, thunk) pairs: the launches the model makes, on meta tensors. Training runs flash_attention forward and
     backward in bf16 (fp16 has the same register layout); sampling runs the fp32 KV cache through the prefill
     (flash_attention with kv_lens) and flash_decode. Head dims: 128 and 64 (Llama / Mistral sizes) and 32 (the
-    tiny preset's dim 128 / 4 heads). `full` adds fp16 and the windowed variants."""
+    tiny preset's dim 128 / 4 heads), each without and with a sliding window (the window's prefill and decode at
+    D=128 only). `full` adds fp16 (the same register layout as bf16) and the remaining windowed variants."""
     import torch
 
     from kernels import attention as A
@@ -147,16 +148,16 @@ def model_cases(full: bool = False):
             A._attn_bwd(torch.empty_like(o), q, k, v, o, lse, True, window, D**-0.5, None)
         return run
 
-    def prefill(D):
+    def prefill(D, window):
         def run():
             q, k, v = qkv(torch.float32, D, T=512, S=2048)
-            A._attn_fwd(q, k, v, True, None, D**-0.5, torch.empty(1, dtype=torch.int32, device="meta"))
+            A._attn_fwd(q, k, v, True, window, D**-0.5, torch.empty(1, dtype=torch.int32, device="meta"))
         return run
 
-    def decode(dtype, D):
+    def decode(dtype, D, window):
         def run():
             q, k, v = qkv(dtype, D, T=1, S=2048)
-            A.flash_decode(q, k, v, torch.empty(1, dtype=torch.int32, device="meta"), num_splits=4)
+            A.flash_decode(q, k, v, torch.empty(1, dtype=torch.int32, device="meta"), window=window, num_splits=4)
         return run
 
     def logprobs(dtype):
@@ -173,12 +174,14 @@ def model_cases(full: bool = False):
     train_dtypes = [torch.bfloat16, torch.float16] if full else [torch.bfloat16]
     for D in (128, 64, 32):
         for dtype in train_dtypes:
-            for window in ([None, 4096] if full else [None]):
+            for window in (None, 256):  # Llama, and Mistral's sliding window (a third masked key loop)
                 yield f"train {names[dtype]} D={D} causal" + (" window" if window else ""), train(dtype, D, window)
-        yield f"prefill fp32 D={D} kv_lens", prefill(D)
-        yield f"decode fp32 D={D}", decode(torch.float32, D)
+        yield f"prefill fp32 D={D} kv_lens", prefill(D, None)
+        yield f"decode fp32 D={D}", decode(torch.float32, D, None)
         if D == 128 or full:
-            yield f"decode bf16 D={D}", decode(torch.bfloat16, D)
+            yield f"prefill fp32 D={D} kv_lens window", prefill(D, 256)
+            yield f"decode fp32 D={D} window", decode(torch.float32, D, 256)
+            yield f"decode bf16 D={D}", decode(torch.bfloat16, D, None)
     for dtype in (torch.bfloat16, torch.float32):
         yield f"logprobs {names[dtype]} V=32001", logprobs(dtype)
 
@@ -207,7 +210,7 @@ def check(arch: int = 90, full: bool = False, only: str | None = None) -> list[R
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: sm_90a)")
-    parser.add_argument("--full", action="store_true", help="also fp16 and the sliding-window variants")
+    parser.add_argument("--full", action="store_true", help="also fp16, and windowed prefill and decode at every D")
     parser.add_argument("--only", default=None, help="regex: only the cases whose name matches")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     args = parser.parse_args()
