@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+# Interpreter shim (TRITON_INTERPRET=1, the CPU tests): only _launch reads it, to pick small unequal blocks.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tile of logits held at once: n_c * v_c <= _TILE_ELEMS with n_c <= _MAX_ROWS. n_c = v_c = sqrt(_TILE_ELEMS)

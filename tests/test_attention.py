@@ -217,6 +217,17 @@ def test_autocast_runs_in_the_autocast_dtype():
     torch.testing.assert_close(o_dec.float(), ref[:, :, -2:], atol=atol, rtol=rtol)
 
 
+def test_autotune_key_separates_gqa_ratio_and_query_and_key_lengths():
+    """dK/dV's work per program grows with G = H / KVH, and a short prefill against a long cache (T << S) wants
+    other tiles than T = S: both must reach the autotune key, T and S in separate power-of-two buckets."""
+    for kernel in (attn_mod._attn_fwd_kernel, attn_mod._attn_bwd_dkdv_kernel, attn_mod._attn_bwd_dq_kernel):
+        assert {"G", "LOG2_T", "LOG2_S", "HEAD_D"} <= set(kernel.keys)
+    q = torch.empty(1, 8, 512, 64)
+    k = torch.empty(1, 2, 32768, 64)
+    common = attn_mod._common(q, k, None, None)
+    assert (common["G"], common["LOG2_T"], common["LOG2_S"]) == (4, 10, 16)
+
+
 def test_window_and_non_causal_are_refused():
     q = torch.randn(1, 1, 4, 16, device=DEVICE)
     with pytest.raises(AssertionError, match="causal"):
