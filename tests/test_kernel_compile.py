@@ -47,11 +47,13 @@ def test_every_config_compiles_without_spills(report):
     assert not spilling, "register spills:\n" + "\n".join(spilling)
 
 
+@pytest.mark.timeout(1800)  # each test may be the one that pays for the (cold) compilation
 def test_every_launch_asks_for_fp_fusion(report):
     """The online softmax relies on FMA contraction, and Triton's default turns it off from 3.10."""
     assert all(r["fp_fusion"] for r in report[0])
 
 
+@pytest.mark.timeout(1800)
 def test_logits_tile_rows_are_aligned_for_an_odd_vocabulary(report):
     """V = 32001: the log-prob kernels see a row stride Triton specialises as a multiple of 16 (it is padded to 64
     elements), so their row loads vectorise; an odd stride would compile to scalar loads."""
@@ -59,6 +61,7 @@ def test_logits_tile_rows_are_aligned_for_an_odd_vocabulary(report):
     assert rows and all("stride_z" in r["aligned"] for r in rows)
 
 
+@pytest.mark.timeout(1800)
 def test_every_autotune_config_is_compiled(report):
     """The guard sees every candidate: each config of the three autotuned kernels is compiled in some case (one
     that the pruner dropped everywhere would be dead weight in the list)."""
