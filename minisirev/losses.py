@@ -1,24 +1,19 @@
-"""Reference PyTorch losses: per-token and per-sequence log-probs (shared by SFT, DPO and evaluation), the
-masked SFT cross entropy, and the DPO family (sigmoid / IPO / hinge).
+"""Losses of the training loop: per-token and per-sequence log-probs (shared by SFT, DPO and evaluation), the
+masked SFT cross entropy, and the DPO family (sigmoid / IPO / hinge; the formula lives in kernels/dpo_loss.py,
+re-exported here as `dpo_loss`).
 
-Symbols (per pair i): pi_c, pi_r = policy log-probs of the chosen and rejected completions (summed over their
-tokens, or averaged); ref_c, ref_r = the same under the frozen reference model; beta = the KL strength;
-Delta = (pi_c - ref_c) - (pi_r - ref_r).
-
-    sigmoid (Rafailov et al. 2023, label smoothing eps of cDPO, Mitchell 2023):
-        L = -(1 - eps) log sigmoid(beta Delta) - eps log sigmoid(-beta Delta)
-    ipo (Azar et al. 2023):    L = (Delta - 1 / (2 beta))^2
-    hinge (SLiC, Zhao et al. 2023): L = max(0, 1 - beta Delta)
-    rewards: r_c = beta (pi_c - ref_c), r_r = beta (pi_r - ref_r), detached.
-
-On CUDA the training loop computes log-probs with kernels/dpo_loss.py (the logits never exist in memory); this
-file is the reference every path is checked against.
+`sequence_logprobs(..., fused=True)` computes the log-probs with kernels/linear_logprobs.py on the final hidden
+states (the [B, T, V] logits never exist in memory); the default path builds the logits and is the reference the
+fused one is checked against (tests/test_dpo_kernel.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from kernels.dpo_loss import dpo_loss
+
+__all__ = ["IGNORE", "dpo_loss", "sequence_logprobs", "sft_loss", "token_logprobs"]
 
 IGNORE = -100
 
@@ -40,7 +35,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, *, f
     the output weight, so the [B, T, V] logits are never built. Returns (sums [B], counts [B])."""
     targets = labels[:, 1:]  # B, T-1
     if fused:
-        from kernels.dpo_loss import fused_linear_logprobs
+        from kernels.linear_logprobs import fused_linear_logprobs
         hidden = model.hidden(input_ids)[:, :-1]  # B, T-1, C
         B, Tm1, C = hidden.shape
         lp = fused_linear_logprobs(hidden.reshape(-1, C), model.output_weight, targets.reshape(-1)).view(B, Tm1)
@@ -57,21 +52,3 @@ def sft_loss(sums: torch.Tensor, counts: torch.Tensor, reduction: str = "mean") 
     if reduction == "sum":
         return -sums.mean()
     raise ValueError(f"unknown SFT reduction {reduction!r}; choose 'mean' or 'sum'")
-
-
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, *, beta: float = 0.1, label_smoothing: float = 0.0,
-             loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO losses [P] and the chosen and rejected rewards [P] (formulas in the module docstring)."""
-    delta = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
-    elif loss_type == "ipo":
-        losses = (delta - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    else:
-        raise ValueError(f"unknown DPO loss type {loss_type!r}; choose sigmoid, ipo or hinge")
-    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
-    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
-    return losses, chosen_rewards, rejected_rewards

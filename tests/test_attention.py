@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kernels.attention as attn_mod
-from kernels.attention import attention_ref, flash_attention, flash_decode
+from kernels.attention import flash_attention, flash_attention_ref, flash_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -15,8 +15,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # outputs are O(1) and gradients O(1) to O(10) (dV of a key seen by every query of a group sums all their dO);
 # the measured maximum absolute errors over CASES (interpreter) are noted for each.
 TOLERANCES = {
-    torch.float32: (1e-4, 1e-4, "fp32 throughout (ieee dots); only the summation order differs (tiles, online "
-                                "rescaling): measured max 4.1e-6 (dV)"),
+    torch.float32: (1e-4, 1e-4, "fp32 inputs, dots in tf32x3 on a GPU (each product split in a high and a low "
+                                "tf32 part, three tensor-core products, relative error ~2^-21 against ~2^-11 for "
+                                "plain tf32), fp32 sums: only the summation order and that split differ from the "
+                                "reference; the interpreter forms exact fp32 products: measured max 4.1e-6 (dV)"),
     torch.float16: (1e-2, 1e-2, "P and dS are rounded to fp16 (2^-11) before the tensor-core dots, as in "
                                 "FlashAttention-2, and gradients sum up to S such terms: measured max 3.9e-3 (dV)"),
     # bf16 runs in the interpreter too: kernels/attention.py widens bf16 dot operands to fp32 there (numpy has no
@@ -81,7 +83,7 @@ def test_forward_and_gradients_match_reference(case, dtype):
     kw = dict(causal=causal, window=window, kv_lens=None if kv_lens is None else torch.tensor(kv_lens, device=DEVICE))
     q, k, v, do = make_inputs(B, H, KVH, T, S, D, dtype)
     ours = forward_backward(flash_attention, q, k, v, do, **kw)
-    ref = forward_backward(attention_ref, q.float(), k.float(), v.float(), do.float(), **kw)
+    ref = forward_backward(flash_attention_ref, q.float(), k.float(), v.float(), do.float(), **kw)
     assert all(x.dtype == dtype for x in ours)
     atol, rtol, _ = TOLERANCES[dtype]
     assert_all_close(ours, ref, atol, rtol)
@@ -97,7 +99,7 @@ def test_low_precision_error_is_the_dtypes_not_the_kernels(dtype):
     B, H, KVH, T, S, D, causal, window, kv_lens = CASES["gqa2-window24-T<S-d80"]
     q, k, v, do = make_inputs(B, H, KVH, T, S, D, dtype, seed=1)
     kw = dict(causal=causal, window=window)
-    truth = forward_backward(attention_ref, q.double(), k.double(), v.double(), do.double(), **kw)
+    truth = forward_backward(flash_attention_ref, q.double(), k.double(), v.double(), do.double(), **kw)
     ours = forward_backward(flash_attention, q, k, v, do, **kw)
     naive = forward_backward(naive_in_dtype, q, k, v, do, **kw)
     for name, a, n, t in zip(("o", "dq", "dk", "dv"), ours, naive, truth):
@@ -110,7 +112,7 @@ def naive_in_dtype(q, k, v, *, causal, window):
     G = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # B, H, S, D
     T, S = q.shape[2], k.shape[2]
-    mask = attn_mod.attention_mask(q.shape[0], T, S, causal=causal, window=window, device=q.device)
+    mask = attn_mod.visibility_mask(q.shape[0], T, S, causal=causal, window=window, device=q.device)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # B, H, T, S
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
 
@@ -123,7 +125,7 @@ def test_window_edges_at_every_tile_alignment(T, S, window):
     bounds (a skipped or an unmasked tile) shows up."""
     q, k, v, do = make_inputs(1, 2, 1, T, S, 16, torch.float32, seed=T + window)
     ours = forward_backward(flash_attention, q, k, v, do, window=window)
-    ref = forward_backward(attention_ref, q, k, v, do, window=window)
+    ref = forward_backward(flash_attention_ref, q, k, v, do, window=window)
     atol, rtol, _ = TOLERANCES[torch.float32]
     assert_all_close(ours, ref, atol, rtol)
 
@@ -137,7 +139,7 @@ def test_strided_inputs_and_explicit_scale():
     do = torch.randn(B, H, T, D, generator=gen).to(DEVICE)
     assert not q.is_contiguous()
     ours = forward_backward(flash_attention, q, k, v, do, sm_scale=0.3, window=9)
-    ref = forward_backward(attention_ref, q, k, v, do, sm_scale=0.3, window=9)
+    ref = forward_backward(flash_attention_ref, q, k, v, do, sm_scale=0.3, window=9)
     atol, rtol, _ = TOLERANCES[torch.float32]
     assert_all_close(ours, ref, atol, rtol)
 
@@ -159,10 +161,71 @@ def test_decode_matches_reference(case, dtype):
     q, k, v, _ = make_inputs(B, H, KVH, T, S, D, dtype, seed=3)
     kv_lens = torch.tensor(kv_lens, device=DEVICE)
     out = flash_decode(q, k, v, kv_lens, window=window, num_splits=num_splits)
-    ref = attention_ref(q.float(), k.float(), v.float(), window=window, kv_lens=kv_lens)
+    ref = flash_attention_ref(q.float(), k.float(), v.float(), window=window, kv_lens=kv_lens)
     assert out.dtype == dtype and torch.isfinite(out).all()
     atol, rtol, _ = TOLERANCES[dtype]
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
+
+
+def test_decode_clamps_kv_lens_to_the_cache():
+    """kv_lens above S_max act as S_max (as in the prefill): the cache is a view into a longer NaN-filled buffer,
+    so a kernel reading keys past S_max returns NaN."""
+    B, H, KVH, T, S, D = 2, 4, 2, 2, 64, 16
+    q, k, v, _ = make_inputs(B, H, KVH, T, S, D, torch.float32, seed=4)
+    k_buf, v_buf = (torch.full((B, KVH, S + 64, D), float("nan"), device=DEVICE) for _ in range(2))
+    k_buf[:, :, :S], v_buf[:, :, :S] = k, v
+    out = flash_decode(q, k_buf[:, :, :S], v_buf[:, :, :S], torch.tensor([S + 50, 10], device=DEVICE))
+    ref = flash_attention_ref(q, k, v, kv_lens=torch.tensor([S, 10], device=DEVICE))
+    atol, rtol, _ = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
+def test_offsets_past_2_31_elements():
+    """Row offsets t * stride_t above 2^31 elements (as T * H * D is at T = 256k, H * D = 8192) must not wrap in
+    int32: q, k, v are [1, 1, 40, 16] views with a row stride of 2^26 elements into one fp16 buffer of 2.6e9
+    elements (5 GB of address space, of which only the 40 rows touched get memory), so rows >= 32 sit past 2^31."""
+    T, D, row = 40, 16, 2**26
+    buf = torch.empty((T - 1) * row + 3 * D, dtype=torch.float16, device=DEVICE)
+    q, k, v = (buf.as_strided((1, 1, T, D), (0, 0, row, 1), storage_offset=i * D) for i in range(3))
+    small = make_inputs(1, 1, 1, T, T, D, torch.float16, seed=5)
+    for big, x in zip((q, k, v), small):
+        big.copy_(x)
+    buf.requires_grad_()  # q, k, v become views with a grad_fn; their gradients are asked for directly below
+    q, k, v = (buf.as_strided((1, 1, T, D), (0, 0, row, 1), storage_offset=i * D) for i in range(3))
+    assert q.stride(2) * (T - 1) >= 2**31
+    o = flash_attention(q, k, v)
+    ours = (o, *torch.autograd.grad(o, (q, k, v), small[3]))
+    ref = forward_backward(flash_attention_ref, *(x.float() for x in small))
+    atol, rtol, _ = TOLERANCES[torch.float16]
+    assert_all_close(ours, ref, atol, rtol)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    """Under autocast (the trainer's bf16; here CPU autocast) both entry points cast q, k, v as torch's SDPA does
+    and return the autocast dtype; gradients reach the fp32 leaves in fp32."""
+    q, k, v, do = make_inputs(1, 4, 2, 37, 37, 32, torch.float32, seed=6)
+    q.requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        o = flash_attention(q, k, v)
+        o_dec = flash_decode(q[:, :, -2:], k, v, torch.tensor([37], device=DEVICE))
+    assert o.dtype == o_dec.dtype == torch.bfloat16
+    o.backward(do.bfloat16())
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+    ref = flash_attention_ref(*(x.bfloat16().float() for x in (q.detach(), k, v)))
+    atol, rtol, _ = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(o.float(), ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(o_dec.float(), ref[:, :, -2:], atol=atol, rtol=rtol)
+
+
+def test_autotune_key_separates_gqa_ratio_and_query_and_key_lengths():
+    """dK/dV's work per program grows with G = H / KVH, and a short prefill against a long cache (T << S) wants
+    other tiles than T = S: both must reach the autotune key, T and S in separate power-of-two buckets."""
+    for kernel in (attn_mod._attn_fwd_kernel, attn_mod._attn_bwd_dkdv_kernel, attn_mod._attn_bwd_dq_kernel):
+        assert {"G", "LOG2_T", "LOG2_S", "HEAD_D"} <= set(kernel.keys)
+    q = torch.empty(1, 8, 512, 64)
+    k = torch.empty(1, 2, 32768, 64)
+    common = attn_mod._common(q, k, None, None)
+    assert (common["G"], common["LOG2_T"], common["LOG2_S"]) == (4, 10, 16)
 
 
 def test_window_and_non_causal_are_refused():

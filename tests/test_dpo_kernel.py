@@ -1,8 +1,8 @@
-"""kernels/dpo_loss.py against its plain PyTorch twin (full logits, log_softmax in fp32, gather): token log-probs
-and the gradients for hidden, weight and bias; the DPO loss (beta, label smoothing, NLL term, summed or averaged
-log-probs) and its gradients; and a training step of the tiny model with the fused loss against one with the
-reference loss. On a CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
-on a GPU the same tests run natively."""
+"""kernels/linear_logprobs.py and kernels/dpo_loss.py against their plain PyTorch twins (full logits, log_softmax
+in fp32, gather): token log-probs and the gradients for hidden, weight and bias; the DPO loss (beta, label
+smoothing, loss types, NLL term, summed or averaged log-probs) and its gradients; autocast and the tile layout; and
+a training step of the tiny model with the fused loss against one with the reference loss. On a CPU the kernels
+run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1); on a GPU the same tests run natively."""
 
 import copy
 
@@ -10,13 +10,9 @@ import pytest
 import torch
 
 import kernels.dpo_loss as dpo_mod
-from kernels.dpo_loss import (
-    dpo_loss_ref,
-    fused_linear_dpo_loss,
-    fused_linear_logprobs,
-    linear_logprobs_ref,
-    sequence_logprobs,
-)
+import kernels.linear_logprobs as lp_mod
+from kernels.dpo_loss import fused_linear_dpo_loss, linear_dpo_loss_ref
+from kernels.linear_logprobs import fused_linear_logprobs, fused_sequence_logprobs, linear_logprobs_ref
 from minisirev import losses
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,14 +43,14 @@ CASES = {
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer the module allocates starts as NaN, so an element it forgets to write fails the test."""
-    monkeypatch.setattr(dpo_mod, "_alloc", lambda shape, *, dtype, device: torch.full(shape, float("nan"),
-                                                                                      dtype=dtype, device=device))
+    monkeypatch.setattr(lp_mod, "_alloc", lambda shape, *, dtype, device: torch.full(shape, float("nan"),
+                                                                                     dtype=dtype, device=device))
 
 
 def set_chunks(monkeypatch, chunks):
     if chunks is not None:
-        monkeypatch.setattr(dpo_mod, "_MAX_ROWS", chunks[0])
-        monkeypatch.setattr(dpo_mod, "_TILE_ELEMS", chunks[1])
+        monkeypatch.setattr(lp_mod, "_MAX_ROWS", chunks[0])
+        monkeypatch.setattr(lp_mod, "_TILE_ELEMS", chunks[1])
 
 
 def make_inputs(lead, C, V, dtype, seed=0, ignore_every=4):
@@ -121,21 +117,57 @@ def test_leading_shape_and_all_ignored():
     torch.testing.assert_close(lp, linear_logprobs_ref(hidden, weight, targets), atol=1e-4, rtol=1e-4)
 
 
-def test_reference_dpo_formula_matches_minisirev_losses():
-    """The twin's DPO arithmetic against the library's reference loss (minisirev/losses.py), written separately."""
-    gen = torch.Generator().manual_seed(3)
-    logp = -torch.rand(4, 9, generator=gen) * 3
-    targets = torch.randint(0, 50, (4, 9), generator=gen)
-    targets[:, :3] = IGNORE
-    logp = logp.masked_fill(targets == IGNORE, 0.0)
-    ref_c, ref_r = -torch.rand(2, generator=gen) * 10, -torch.rand(2, generator=gen) * 10
-    loss, rc, rr = dpo_mod._dpo_from_token_logprobs(logp, targets != IGNORE, ref_c, ref_r, beta=0.3,
-                                                    label_smoothing=0.1, nll_weight=0.0, average_log_prob=False)
-    sums = logp.sum(-1)
-    exp_losses, exp_rc, exp_rr = losses.dpo_loss(sums[:2], sums[2:], ref_c, ref_r, beta=0.3, label_smoothing=0.1)
-    torch.testing.assert_close(loss, exp_losses.mean())
-    torch.testing.assert_close(rc, exp_rc)
-    torch.testing.assert_close(rr, exp_rr)
+def test_one_dpo_formula():
+    """minisirev.losses.dpo_loss is the function the fused loss applies (tests/test_losses.py checks it against
+    the paper's formula written out in plain math), not a second copy."""
+    assert losses.dpo_loss is dpo_mod.dpo_loss
+
+
+def test_tile_rows_are_aligned_for_odd_vocabularies(monkeypatch):
+    """V = 123 in one chunk: the logits tile the kernels stream over has a row stride that is a multiple of 64
+    elements (an odd stride would force scalar loads on a GPU), and the padding columns never leak into the
+    result (checked against the twin)."""
+    seen = []
+    launch = lp_mod._launch
+    monkeypatch.setattr(lp_mod, "_launch", lambda kernel, z, *args: (seen.append(z.stride(0)),
+                                                                     launch(kernel, z, *args)))
+    hidden, weight, _, targets = make_inputs((37,), 24, 123, torch.float32)
+    h = hidden.clone().requires_grad_()
+    fused_linear_logprobs(h, weight, targets).sum().backward()
+    assert seen and all(st % 64 == 0 for st in seen), seen
+    h_ref = hidden.clone().requires_grad_()
+    linear_logprobs_ref(h_ref, weight, targets).sum().backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-4, rtol=1e-4)
+
+
+class GemmDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the dtype of every matrix product dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.dtypes.append(args[0].dtype if func.overloadpacket is torch.ops.aten.mm else args[1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_autocast_reaches_the_gemms():
+    """Under the trainer's bf16 autocast (here CPU autocast), the LM-head GEMMs of forward and backward run in
+    bf16, like F.linear would, although they write through out= (which autocast does not intercept); the
+    gradients come back in the parameters' fp32."""
+    hidden, weight, _, targets = make_inputs((37,), 24, 123, torch.float32)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with GemmDtypes() as seen, torch.autocast(DEVICE, dtype=torch.bfloat16):
+        lp = fused_linear_logprobs(h, w, targets)
+    with GemmDtypes() as seen_bwd:
+        lp.sum().backward()
+    assert seen.dtypes and set(seen.dtypes) == {torch.bfloat16}, seen.dtypes
+    assert seen_bwd.dtypes and set(seen_bwd.dtypes) <= {torch.bfloat16, torch.float32}
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    expected = linear_logprobs_ref(hidden.bfloat16().float(), weight.bfloat16().float(), targets)
+    torch.testing.assert_close(lp, expected, atol=6e-2, rtol=5e-2)  # bf16 logits: TOLERANCES[torch.bfloat16]
 
 
 def make_pairs(B, T, C, V, dtype, seed=0):
@@ -153,8 +185,13 @@ def make_pairs(B, T, C, V, dtype, seed=0):
     return hidden, weight, bias, targets, ref_c, ref_r
 
 
-DPO_SETTINGS = [dict(beta=beta, label_smoothing=ls, nll_weight=nll, average_log_prob=avg)
-                for beta in (0.1, 0.5) for ls in (0.0, 0.1) for nll in (0.0, 1.0) for avg in (False, True)]
+# Each option on and off at least once, and every loss type: the formula itself is tested in tests/test_losses.py,
+# here the log-prob reductions and the gradients through the fused path.
+DPO_SETTINGS = [dict(beta=0.1, label_smoothing=0.0, nll_weight=0.0, average_log_prob=False, loss_type="sigmoid"),
+                dict(beta=0.5, label_smoothing=0.1, nll_weight=0.0, average_log_prob=True, loss_type="sigmoid"),
+                dict(beta=0.1, label_smoothing=0.1, nll_weight=1.0, average_log_prob=False, loss_type="sigmoid"),
+                dict(beta=0.5, label_smoothing=0.0, nll_weight=1.0, average_log_prob=True, loss_type="ipo"),
+                dict(beta=0.5, label_smoothing=0.0, nll_weight=0.0, average_log_prob=False, loss_type="hinge")]
 
 
 def _dpo_case(dtype, with_bias, settings, monkeypatch, chunks=(8, 8 * 40)):
@@ -168,7 +205,7 @@ def _dpo_case(dtype, with_bias, settings, monkeypatch, chunks=(8, 8 * 40)):
         return outs["ours"][0]
 
     def ref(h, w, b=None):
-        outs["ref"] = dpo_loss_ref(h, w, targets, ref_c, ref_r, bias=b, **settings)
+        outs["ref"] = linear_dpo_loss_ref(h, w, targets, ref_c, ref_r, bias=b, **settings)
         return outs["ref"][0]
 
     actual = grads(ours, tensors, None)
@@ -180,7 +217,7 @@ def _dpo_case(dtype, with_bias, settings, monkeypatch, chunks=(8, 8 * 40)):
 
 
 @pytest.mark.parametrize("settings", DPO_SETTINGS,
-                         ids=[f"b{s['beta']}-ls{s['label_smoothing']}-nll{s['nll_weight']}-"
+                         ids=[f"{s['loss_type']}-b{s['beta']}-ls{s['label_smoothing']}-nll{s['nll_weight']}-"
                               f"{'mean' if s['average_log_prob'] else 'sum'}" for s in DPO_SETTINGS])
 def test_dpo_loss_and_gradients_match_reference(settings, monkeypatch):
     _dpo_case(torch.float32, False, settings, monkeypatch)
@@ -196,7 +233,7 @@ def test_dpo_loss_dtypes_with_bias(dtype, monkeypatch):
 def test_sequence_logprobs_under_no_grad(average):
     hidden, weight, _, targets, _, _ = make_pairs(2, 11, 24, 123, torch.float32)
     with torch.no_grad():
-        got = sequence_logprobs(hidden, weight, targets, average=average)
+        got = fused_sequence_logprobs(hidden, weight, targets, average=average)
     lp = linear_logprobs_ref(hidden, weight, targets)
     n = (targets != IGNORE).sum(-1)
     torch.testing.assert_close(got, lp.sum(-1) / n if average else lp.sum(-1), atol=1e-4, rtol=1e-4)
@@ -210,7 +247,7 @@ def test_matches_liger_kernel_when_installed():
     hidden, weight, _, targets, _, _ = make_pairs(2, 11, 24, 123, torch.float32)
     ref_hidden = hidden + 0.1 * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     with torch.no_grad():
-        ref = sequence_logprobs(ref_hidden, weight, targets)
+        ref = fused_sequence_logprobs(ref_hidden, weight, targets)
     ours = fused_linear_dpo_loss(hidden, weight, targets, ref[:2], ref[2:], beta=0.5)[0]
     theirs = liger.LigerFusedLinearDPOLoss(beta=0.5, use_ref_model=True, compiled=False)(
         weight, hidden, targets, ref_input=ref_hidden, ref_weight=weight)
@@ -237,10 +274,10 @@ def step_loss(model, ref_model, tokens, labels, method, fused):
         return losses.sft_loss(sums, counts)
     with torch.no_grad():
         ref_hidden = ref_model.hidden(tokens)[:, :-1]
-        ref_lp = sequence_logprobs(ref_hidden, ref_model.output_weight, targets) if fused else \
+        ref_lp = fused_sequence_logprobs(ref_hidden, ref_model.output_weight, targets) if fused else \
             linear_logprobs_ref(ref_hidden, ref_model.output_weight, targets).sum(-1)
     B = tokens.shape[0] // 2
-    fn = fused_linear_dpo_loss if fused else dpo_loss_ref
+    fn = fused_linear_dpo_loss if fused else linear_dpo_loss_ref
     return fn(hidden, model.output_weight, targets, ref_lp[:B], ref_lp[B:], beta=0.5, nll_weight=0.5)[0]
 
 
