@@ -32,6 +32,9 @@ parser.add_argument("--data", default=None,
 parser.add_argument("--out", default=None, help="run directory (default runs/TASK-METHOD)")
 parser.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
 parser.add_argument("--skip-base", action="store_true", help="do not evaluate M0 (no t = 0 row in the report)")
+parser.add_argument("--m1-from", default=None, metavar="RUN",
+                    help="start from another run's M1 (and M0's evaluation), made with the same M1 settings: the "
+                         "way to compare methods on one M1 (then: eval.py --compare RUN RUN ...)")
 # ---- data sizes
 parser.add_argument("--n-train", type=int, default=256, help="training questions used (the first N of the split)")
 parser.add_argument("--n-test", type=int, default=E.n_test, help="test questions evaluated (first N; 0 = all)")
@@ -145,9 +148,13 @@ def open_run():  # on rank 0 only, under torchrun
         shutil.rmtree(run.root)
     if (why := run.config_conflict(config)) is not None:
         cli.fail(P, why)
+    if args.m1_from and (why := Run(args.m1_from).m1_conflict(config)) is not None:
+        cli.fail(P, f"--m1-from {why}")
     plan.note_world_change(run.stored_config(), config)
     run.root.mkdir(parents=True, exist_ok=True)
     write_json(run.config, config)
+    if args.m1_from:
+        run.adopt_m1(Run(args.m1_from))
 
 
 dist.on_main(open_run)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,37 @@ class Run:
             return (f"{self.root} holds {done[-1]} finished iterations; --iter {config['iter']} would rewrite its "
                     f"summary and report with fewer (use --iter {done[-1]} or more to extend it, or another --out)")
         return None
+
+
+    def m1_conflict(self, config: dict) -> str | None:
+        """Why this run's M0 and M1 cannot stand for those of a run with `config` (None: they can): M1 and the
+        evaluations of M0 and M1 depend only on the settings in M1_SETTINGS."""
+        old = self.stored_config()
+        if old is None or not self.has_model(1):
+            return f"{self.root}: no finished M1 to start from (iter_1/model is missing)"
+        diff = [k for k in M1_SETTINGS if old.get(k) != config.get(k)]
+        if diff:
+            shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} here, {config.get(k)!r} asked" for k in diff[:3])
+            return f"{self.root}: its M1 was made with other settings ({shown})"
+        return None
+
+    def adopt_m1(self, src: Run) -> None:
+        """Start from `src`'s M0 evaluation and M1 (iter_0, iter_1: copied, so that both runs can be compared as
+        methods applied to one M1, as the paper's figures do); what this run already has is kept."""
+        for t in (0, 1):
+            a, b = src.iter_dir(t), self.iter_dir(t)
+            if a.exists() and not b.exists():
+                tmp = b.with_name(b.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(a, tmp)
+                os.replace(tmp, b)
+
+
+# the settings M0's evaluation, M1 and M1's samples depend on (not the method of the later rounds)
+M1_SETTINGS = ("model", "task", "data", "n_train", "n_test", "n_ood", "n_samples", "temperature", "top_p", "top_k",
+               "max_new_tokens", "eval_samples", "eval_temperature", "semantic_questions", "semantic_samples", "lr",
+               "m1_epochs", "batch_size", "grad_accum", "warmup", "clip", "sft_reduction", "seed", "dtype",
+               "skip_base")
 
 
 # ---- the inputs a run reads -----------------------------------------------------------------------------------

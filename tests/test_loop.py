@@ -118,6 +118,21 @@ def check_eval_rebuilds_and_finished_runs_are_kept(run: Path, tmp_path: Path):
     train(moved, "--method", "sft")
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
+    # another method from the same M1 (M1 is not retrained), then the two methods side by side in one report
+    other = tmp_path / "dpo"
+    r = train(other, "--method", "sft", "--m1-from", str(moved), "--lr", "2e-3", check=False)
+    assert r.returncode == 2 and "--m1-from" in r.stderr and "--lr 0.001 here, 0.002 asked" in r.stderr
+    train(other, "--method", "dpo", "--m1-from", str(moved))
+    m1 = "iter_1/model/model.safetensors"
+    assert (other / m1).read_bytes() == (moved / m1).read_bytes()
+    assert json.loads((other / "summary.json").read_text())["iterations"][0] == \
+        json.loads((moved / "summary.json").read_text())["iterations"][0]
+    r = subprocess.run([sys.executable, "eval.py", "--compare", str(moved), str(other), "--out", str(tmp_path / "cmp")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "All runs start from the same M1" in report and "dpo" in report
+
     # other evaluation settings regenerate what they change (sampled answers), keep the rest (greedy answers)
     greedy = (moved / "iter_1" / "eval" / "test_greedy.jsonl").stat().st_mtime_ns
     evaluate(moved, "--eval-samples", "2")
