@@ -84,6 +84,34 @@ def weight_files(path: Path) -> list[Path]:
 
 # ---- loading --------------------------------------------------------------------------------------------------
 
+def tensor_index(path: Path, files: list[Path], config: ModelConfig, expected: dict) -> dict[str, tuple]:
+    """Where each of our tensors is stored: our name -> (file, checkpoint name, safetensors dtype string), from
+    the files' headers only (no tensor data is read). Checked against `expected` (our name -> shape): no unknown
+    tensor, every shape as config.json implies, none missing; a one-line CheckpointError otherwise."""
+    index = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for hf_name in sf.keys():
+                    name = from_hf_name(hf_name)
+                    if hf_name.endswith(IGNORED_KEYS) or (name == "lm_head.weight" and config.tie_embeddings):
+                        continue
+                    if name not in expected:
+                        raise CheckpointError(f"{f}: unexpected tensor '{hf_name}' for this config")
+                    sl = sf.get_slice(hf_name)
+                    if tuple(sl.get_shape()) != tuple(expected[name]):
+                        raise CheckpointError(f"{f}: tensor '{hf_name}' has shape {tuple(sl.get_shape())}, "
+                                              f"config.json implies {tuple(expected[name])}")
+                    index[name] = (f, hf_name, sl.get_dtype())
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    missing = [to_hf_name(n) for n in expected if n not in index]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{path}: tensor '{missing[0]}' missing{more} ({', '.join(missing[1:3])})")
+    return index
+
+
 def load_model(src: str | Path, *, device="cpu", dtype: torch.dtype | None = None, attn: str | None = None
                ) -> Transformer:
     """Load a Llama / Mistral checkpoint into a Transformer on `device`.
@@ -96,29 +124,17 @@ def load_model(src: str | Path, *, device="cpu", dtype: torch.dtype | None = Non
     files = weight_files(path)
     with torch.device("meta"):
         model = Transformer(config, attn=attn or Transformer.default_attn(device))
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-
+    index = tensor_index(path, files, config, {name: p.shape for name, p in model.state_dict().items()})
     state = {}
     for f in files:
         try:
             with safe_open(f, framework="pt", device="cpu") as sf:
-                for hf_name in sf.keys():
-                    name = from_hf_name(hf_name)
-                    if hf_name.endswith(IGNORED_KEYS) or (name == "lm_head.weight" and config.tie_embeddings):
-                        continue
-                    if name not in expected:
-                        raise CheckpointError(f"{f}: unexpected tensor '{hf_name}' for this config")
-                    t = sf.get_tensor(hf_name)
-                    if t.shape != expected[name]:
-                        raise CheckpointError(f"{f}: tensor '{hf_name}' has shape {tuple(t.shape)}, "
-                                              f"config.json implies {tuple(expected[name])}")
-                    state[name] = t.to(device=device, dtype=dtype or t.dtype)
+                for name, (g, hf_name, _) in index.items():
+                    if g == f:
+                        t = sf.get_tensor(hf_name)
+                        state[name] = t.to(device=device, dtype=dtype or t.dtype)
         except SafetensorError as e:
             raise CheckpointError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
-    missing = [to_hf_name(n) for n in expected if n not in state]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{path}: tensor '{missing[0]}' missing{more} ({', '.join(missing[1:3])})")
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 

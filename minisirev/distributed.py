@@ -315,9 +315,9 @@ def load_sharded(src, *, device: torch.device, dtype: torch.dtype | None, attn: 
     (`get_slice`; torch.chunk's split, the one FSDP2 uses). No rank ever holds a full copy in CPU memory.
     Checks are load_model's (every tensor present, no unknown one, shapes as config.json says): one-line
     CheckpointError. dtype None keeps the stored dtype (the master weights' dtype)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
-    from minisirev.checkpoint import IGNORED_KEYS, CheckpointError, from_hf_name, resolve, to_hf_name, weight_files
+    from minisirev.checkpoint import resolve, tensor_index, weight_files
     from minisirev.config import ModelConfig
     from minisirev.model import Transformer
 
@@ -326,28 +326,8 @@ def load_sharded(src, *, device: torch.device, dtype: torch.dtype | None, attn: 
     files = weight_files(path)
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in Transformer(config).named_parameters()}
-    sources, stored = {}, None  # our name -> (file, checkpoint name); the first tensor's stored dtype
-    for f in files:
-        try:
-            with safe_open(f, framework="pt", device="cpu") as sf:
-                for hf_name in sf.keys():
-                    name = from_hf_name(hf_name)
-                    if hf_name.endswith(IGNORED_KEYS) or (name == "lm_head.weight" and config.tie_embeddings):
-                        continue
-                    if name not in expected:
-                        raise CheckpointError(f"{f}: unexpected tensor '{hf_name}' for this config")
-                    sl = sf.get_slice(hf_name)
-                    if tuple(sl.get_shape()) != expected[name]:
-                        raise CheckpointError(f"{f}: tensor '{hf_name}' has shape {tuple(sl.get_shape())}, "
-                                              f"config.json implies {expected[name]}")
-                    stored = stored or _DTYPES.get(sl.get_dtype(), torch.float32)
-                    sources[name] = (f, hf_name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
-    missing = [to_hf_name(n) for n in expected if n not in sources]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"{path}: tensor '{missing[0]}' missing{more}")
+    sources = tensor_index(path, files, config, expected)  # our name -> (file, checkpoint name, stored dtype)
+    stored = _DTYPES.get(next(iter(sources.values()))[2], torch.float32)  # the first tensor's stored dtype
 
     with torch.device("meta"):
         model = Transformer(config, attn=attn).to(dtype or stored)
@@ -355,7 +335,7 @@ def load_sharded(src, *, device: torch.device, dtype: torch.dtype | None, attn: 
     model.to_empty(device="cpu" if cpu_offload else device)  # this rank's shards only
     with torch.no_grad():
         for name, p in model.named_parameters():
-            f, hf_name = sources[name]
+            f, hf_name, _ = sources[name]
             a, b = _rows_of_shard(p.shape[0])
             local = p.to_local()
             assert local.shape[0] == b - a, f"{name}: FSDP holds {local.shape[0]} rows here, torch.chunk {b - a}"
