@@ -39,7 +39,6 @@ parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=
 parser.add_argument("--out", required=True, help="the JSONL file to write, or to resume")
 args = parser.parse_args()
 
-import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -48,7 +47,7 @@ from minisirev import cli  # noqa: E402
 from minisirev import distributed as dist  # noqa: E402
 from minisirev.checkpoint import CheckpointError, ConfigError, load_model  # noqa: E402
 from minisirev.run import read_json  # noqa: E402
-from minisirev.stages import Sampling, generate_and_verify, settings_path  # noqa: E402
+from minisirev.stages import Sampling, generate_and_verify, generation_settings, settings_path  # noqa: E402
 from minisirev.tasks import DataError, HarnessError, get_task  # noqa: E402
 from minisirev.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 
@@ -66,7 +65,7 @@ except (DataError, TokenizerError, CheckpointError, ValueError) as e:
 
 out = Path(args.out)
 sampling = Sampling(args.n, args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.seed)
-wanted = {**dataclasses.asdict(sampling), "records": len(records), "task": task.name}
+wanted = generation_settings(task, records, sampling)
 sp = settings_path(out)
 if sp.exists() and read_json(sp) != wanted:
     before = read_json(sp)

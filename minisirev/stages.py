@@ -87,6 +87,15 @@ class Models:
 # ---- sample and verify ----------------------------------------------------------------------------------------
 
 
+def generation_settings(task, records: list[dict], sampling: Sampling) -> dict:
+    """What a generation file is a function of: recorded beside it, compared before it is reused."""
+    return {**dataclasses.asdict(sampling), "records": len(records), "task": task.name}
+
+
+def read_if_exists(path: Path):
+    return read_json(path) if path.exists() else None
+
+
 def settings_path(out: Path) -> Path:
     return out.with_name(out.name + ".settings.json")
 
@@ -114,7 +123,7 @@ def generate_and_verify(model, tok, task, records: list[dict], out: Path, sampli
     in, OUT.partial becomes OUT, and a line with the stage's counts goes to `log`."""
     from minisirev.sampler import generate
 
-    settings = {**dataclasses.asdict(sampling), "records": len(records), "task": task.name}
+    settings = generation_settings(task, records, sampling)
     if is_done(out, settings):
         return read_rows(out)
     partial, sp = out.with_name(out.name + ".partial"), settings_path(out)
@@ -199,7 +208,7 @@ def evaluate(run: Run, t: int, model: Callable, tok, inputs: Inputs, settings: E
     fresh = False
     for name, task, records, sampling in jobs:
         out = run.eval_file(t, name)
-        if not is_done(out, {**dataclasses.asdict(sampling), "records": len(records), "task": task.name}):
+        if not is_done(out, generation_settings(task, records, sampling)):
             generate_and_verify(model(), tok, task, records, out, sampling, desc=f"iter {t} {name}", log=run.log)
             fresh = True
     if dist.is_main():  # under torchrun rank 0 derives and writes; the others wait, then read
@@ -230,8 +239,7 @@ def per_question(run: Run, t: int, *, semantic_questions: int = 0, semantic_samp
 
 
 def load_per_question(run: Run, t: int) -> dict | None:
-    path = run.iter_dir(t) / "eval" / "per_question.json"
-    return read_json(path) if path.exists() else None
+    return read_if_exists(run.iter_dir(t) / "eval" / "per_question.json")
 
 
 def compute_metrics(run: Run, t: int, step_method: str, *, seed: int = 0) -> dict:
@@ -287,8 +295,7 @@ def write_provenance(run: Run, t: int, config: dict, device) -> dict:
     path = run.iter_dir(t) / "provenance.json"
     if path.exists():
         return read_json(path)
-    prev = read_json(run.root / f"iter_{t - 1}" / "provenance.json") if (
-        t >= 1 and (run.root / f"iter_{t - 1}" / "provenance.json").exists()) else None
+    prev = read_if_exists(run.iter_dir(t - 1) / "provenance.json") if t >= 1 else None
     base = config["model"] if Path(config["model"]).exists() else None  # a Hub id is recorded by name only
     if t == 0:
         files = {"model": base}
@@ -296,8 +303,8 @@ def write_provenance(run: Run, t: int, config: dict, device) -> dict:
         start = (prev or {}).get("files", {}).get("model") or (base if t == 1 else run.model(t - 1))
         ref = None
         if "dpo" in step_methods(config["method"], t, config.get("schedule", "alternate")):
-            m1 = read_json(run.root / "iter_1" / "provenance.json")["files"]["model"] if (
-                run.root / "iter_1" / "provenance.json").exists() else run.model(1)
+            m1 = (read_if_exists(run.iter_dir(1) / "provenance.json") or {}).get("files", {}).get("model") \
+                or run.model(1)
             ref = start if config.get("ref") == "prev" or t == 2 else m1
         files = {"start_model": start, "ref_model": ref, "train_data": run.train_data(t),
                  "samples": run.samples(t - 1) if t >= 2 else None, "model": run.model(t)}
@@ -329,7 +336,7 @@ def write_summary(run: Run, config: dict) -> dict:
                    for t in ts if t >= 1]
 
     def gather(name: str) -> list[dict]:
-        return [read_json(p) for t in ts if (p := run.root / f"iter_{t}" / name).exists()]
+        return [read_json(p) for t in ts if (p := run.iter_dir(t) / name).exists()]
 
     summary = {"task": config.get("task"), "method": config.get("method"), "base": metrics.get(0),
                "iterations": [metrics[t] for t in ts if t >= 1], "comparisons": comparisons,
