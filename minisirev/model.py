@@ -111,6 +111,38 @@ class KVCache:
             self.v[layer].view(-1, D).index_copy_(0, index, v.reshape(-1, D))
 
 
+class PrefixCache:
+    """The sampler's cache for many samples of each prompt: a prompt's keys are stored, and read, once for all of
+    its samples; each row stores only the keys of the tokens it generates.
+
+        prompts  KVCache [L, P, KVH, Tp, D]: prompt slot p holds one prompt's keys, position j at index j
+        rows     KVCache [L, R, KVH, M, D]: row r's generated keys, the token at position len_p + i at index i
+
+    Which rows share which prompt slot is the scheduler's business, passed to each decode call as a Sharing.
+    Decoding n samples of a T-token prompt thus reads its T keys once per step instead of n times, and holds them
+    once instead of n times."""
+
+    def __init__(self, config: ModelConfig, prompt_slots: int, prompt_len: int, rows: int, max_new: int, *,
+                 device=None, dtype=torch.float32):
+        self.prompts = KVCache(config, prompt_slots, prompt_len, device=device, dtype=dtype)
+        self.rows = KVCache(config, rows, max_new, device=device, dtype=dtype)
+
+
+@dataclass
+class Sharing:
+    """Which decode rows share which prompt slot of a PrefixCache (fixed between two scheduler checks).
+
+    prompt [B] long: row b's prompt slot; prompt_len [B] long: that prompt's length (0 for an idle row).
+    members [P, m] long: the rows of prompt slots 0 .. P-1, m columns, padded with any row (their results are
+        never read); member [B] long: row b's column in its slot's members (0 for an idle row).
+    prompt_keys: the prompt keys read, 0 .. prompt_keys - 1 (at least the longest prompt of slots 0 .. P-1)."""
+    prompt: torch.Tensor
+    prompt_len: torch.Tensor
+    members: torch.Tensor
+    member: torch.Tensor
+    prompt_keys: int
+
+
 # ---- attention ------------------------------------------------------------------------------------------------
 # The masks here are stated in absolute positions (query at position i, key index j = position j), the convention
 # of this KV cache. kernels/attention.py states its twin in per-row key counts instead (kv_lens, queries aligned to
@@ -143,6 +175,31 @@ def attention_ref(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
     return out.view(B, H, T, D).to(q.dtype)
 
 
+def attention_shared(q, cache: PrefixCache, layer: int, at: "Positions", scale: float) -> torch.Tensor:
+    """Decode attention over a PrefixCache: q [B, H, 1, D] -> [B, H, 1, D], in the cache's dtype.
+
+    Row b attends over its prompt's keys (prompt slot at.sharing.prompt[b]) and its own generated keys, one softmax
+    over both: the same sum as attention over the row's whole sequence, in another order. Prompt keys are read
+    once per slot: the queries of a slot's m rows (G per row and KV head) are stacked into one [m * G, D] block
+    against the slot's keys, and the scores go back to the rows. at.bias [B, 1, 1, Tp + S] holds 0 for a key the
+    row sees and -inf for the rest (padding, a longer prompt's tail, the window)."""
+    sh = at.sharing
+    B, H, _, D = q.shape
+    P, m = sh.members.shape
+    KVH = cache.rows.k.shape[2]
+    G, Tp, S = H // KVH, sh.prompt_keys, at.kv_len
+    pk, pv = cache.prompts.k[layer, :P, :, :Tp], cache.prompts.v[layer, :P, :, :Tp]  # P, KVH, Tp, D
+    rk, rv = cache.rows.k[layer, :B, :, :S], cache.rows.v[layer, :B, :, :S]  # B, KVH, S, D
+    qr = q.view(B, KVH, G, D)
+    qp = qr[sh.members].transpose(1, 2).reshape(P, KVH, m * G, D)  # a slot's rows' queries side by side
+    sp = (qp @ pk.transpose(-1, -2)).view(P, KVH, m, G, Tp)[sh.prompt, :, sh.member]  # B, KVH, G, Tp
+    scores = torch.add(at.bias, torch.cat([sp, qr @ rk.transpose(-1, -2)], dim=-1).float(), alpha=scale)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)  # B, KVH, G, Tp + S
+    pp = probs[..., :Tp][sh.members].transpose(1, 2).reshape(P, KVH, m * G, Tp)
+    yp = (pp @ pv).view(P, KVH, m, G, D)[sh.prompt, :, sh.member]  # B, KVH, G, D
+    return (yp + probs[..., Tp:] @ rv).view(B, H, 1, D)
+
+
 @dataclass
 class Positions:
     """What every layer of one forward call shares, computed once per call (not once per layer).
@@ -158,6 +215,8 @@ class Positions:
     mask: torch.Tensor | None = None
     write_index: torch.Tensor | None = None
     kv_len: int = 0
+    sharing: Sharing | None = None  # with a PrefixCache: the rows' prompt slots
+    bias: torch.Tensor | None = None  # with a PrefixCache: [B, 1, 1, Tp + S], 0 where a row sees a key, else -inf
 
 
 class Attention(nn.Module):
@@ -172,18 +231,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x, at: Positions, *, backend: str, cache: KVCache | None):
+    def forward(self, x, at: Positions, *, backend: str, cache: KVCache | PrefixCache | None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # B, H, T, D
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # B, KVH, T, D
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # B, KVH, T, D
         q, k = apply_rope(q, at.cos, at.sin), apply_rope(k, at.cos, at.sin)
 
-        if cache is not None:
-            cache.write(self.layer_idx, at.write_index, k, v)
-        if at.pos is None:  # no cache, or a prefill from position 0: the T tokens see each other only
+        if isinstance(cache, PrefixCache):  # sampler decode: the row's own keys after its shared prompt's
+            cache.rows.write(self.layer_idx, at.write_index, k, v)
+            y = attention_shared(q, cache, self.layer_idx, at, self.scale)
+        elif at.pos is None:  # no cache, or a prefill from position 0: the T tokens see each other only
+            if cache is not None:
+                cache.write(self.layer_idx, None, k, v)
             y = self._attend_full(q, k, v, backend, at.mask)
         else:
+            cache.write(self.layer_idx, at.write_index, k, v)
             S = at.kv_len
             k, v = cache.k[self.layer_idx, :B, :, :S], cache.v[self.layer_idx, :B, :, :S]  # B, KVH, S, D
             y = self._attend_cache(q, k, v, at, backend)
@@ -311,8 +374,8 @@ class Transformer(nn.Module):
                                                    positions.device)
         return table[0][positions][:, None], table[1][positions][:, None]
 
-    def positions(self, B: int, T: int, device, pos: torch.Tensor | None, cache: KVCache | None,
-                  kv_len: int | None) -> Positions:
+    def positions(self, B: int, T: int, device, pos: torch.Tensor | None, cache: KVCache | PrefixCache | None,
+                  kv_len: int | None, sharing: Sharing | None = None) -> Positions:
         """The per-call attention inputs (see Positions) for tokens [B, T] starting at pos (see hidden)."""
         window = self.config.sliding_window
         if pos is None:  # every row from position 0: causal over the call's own tokens (+ window)
@@ -322,21 +385,46 @@ class Transformer(nn.Module):
             return Positions(cos, sin, mask=mask if self.attn != "triton" else None)
         if cache is None:
             raise ValueError("pos without a cache: positions only mean something against a KV cache")
+        if isinstance(cache, PrefixCache):
+            return self.shared_positions(pos, cache, kv_len, sharing)
         S = kv_len or cache.max_len
         q_pos = pos[:, None] + torch.arange(T, device=device)  # B, T
         cos, sin = self.rope(q_pos, cache.max_len)
         mask = attention_mask(q_pos, S, window) if self.attn != "triton" else None  # B, 1, T, S
         return Positions(cos, sin, pos=pos, mask=mask, write_index=cache.write_index(pos, T), kv_len=S)
 
-    def hidden(self, tokens, *, pos=None, cache: KVCache | None = None, kv_len: int | None = None):
+    def shared_positions(self, pos: torch.Tensor, cache: PrefixCache, kv_len: int | None, sharing: Sharing | None
+                         ) -> Positions:
+        """Positions of one decode token per row against a PrefixCache: row b's token at position pos[b] goes to
+        row index i = pos[b] - prompt_len[b] and sees its prompt's keys j < prompt_len[b] and its own keys
+        0 .. i (and, with a window, only those less than `window` positions back)."""
+        if sharing is None:
+            raise ValueError("a PrefixCache needs a Sharing: which rows share which prompt slot")
+        S, Tp = kv_len or cache.rows.max_len, sharing.prompt_keys
+        cos, sin = self.rope(pos[:, None], cache.prompts.max_len + cache.rows.max_len)
+        start = sharing.prompt_len[:, None]  # B, 1: the position of a row's key 0
+        key_pos = torch.cat([torch.arange(Tp, device=pos.device).expand(len(pos), Tp),
+                             start + torch.arange(S, device=pos.device)], dim=1)  # B, Tp + S
+        seen = key_pos <= pos[:, None]
+        seen[:, :Tp] &= key_pos[:, :Tp] < start  # a shorter prompt's slot has stale keys past its end
+        if self.config.sliding_window is not None:
+            seen &= key_pos > pos[:, None] - self.config.sliding_window
+        bias = torch.zeros(seen.shape, device=pos.device).masked_fill_(~seen, float("-inf"))[:, None, None]
+        return Positions(cos, sin, pos=pos, write_index=cache.rows.write_index(pos - sharing.prompt_len, 1),
+                         kv_len=S, sharing=sharing, bias=bias)
+
+    def hidden(self, tokens, *, pos=None, cache: KVCache | PrefixCache | None = None, kv_len: int | None = None,
+               sharing: Sharing | None = None):
         """tokens [B, T] -> final normed hidden states [B, T, C].
 
         pos: LongTensor [B], the absolute position of tokens[:, 0] in each row, with a cache: the new keys are
         written there and each row attends to its own keys 0 .. pos[b] + t; kv_len (a host int, at most the cache
         length) bounds the keys read so a short cache row does not cost S_max. pos None: every row starts at
-        position 0 (training, scoring, a right-padded prefill into cache rows 0 .. B-1)."""
+        position 0 (training, scoring, a right-padded prefill into cache rows 0 .. B-1). With a PrefixCache (the
+        sampler's decode, T = 1), `sharing` says which rows share which prompt's keys and kv_len bounds the rows'
+        own keys read."""
         B, T = tokens.shape
-        at = self.positions(B, T, tokens.device, pos, cache, kv_len)
+        at = self.positions(B, T, tokens.device, pos, cache, kv_len, sharing)
         x = self.embed_tokens(tokens)  # B, T, C
         attn_kwargs = dict(backend=self.attn, cache=cache)
         for block in self.layers:
@@ -346,9 +434,11 @@ class Transformer(nn.Module):
                 x = block(x, at, **attn_kwargs)
         return self.norm(x)
 
-    def forward(self, tokens, *, pos=None, cache: KVCache | None = None, kv_len: int | None = None):
+    def forward(self, tokens, *, pos=None, cache: KVCache | PrefixCache | None = None, kv_len: int | None = None,
+                sharing: Sharing | None = None):
         """tokens [B, T] -> logits [B, T, V] (in fp32 when the model is fp32, else the model's dtype)."""
-        return F.linear(self.hidden(tokens, pos=pos, cache=cache, kv_len=kv_len), self.output_weight)
+        return F.linear(self.hidden(tokens, pos=pos, cache=cache, kv_len=kv_len, sharing=sharing),
+                        self.output_weight)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         w = self.embed_tokens.weight

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from minisirev.model import KVCache, Transformer
+from minisirev.model import KVCache, PrefixCache, Sharing, Transformer
 
 M32 = 0xFFFFFFFF
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward: bounds the side cache and activations
@@ -234,8 +234,9 @@ def uniform_from_stream(stream: torch.Tensor, step: torch.Tensor) -> torch.Tenso
 def prefill(model: Transformer, prompts: list[list[int]]) -> tuple[KVCache, torch.Tensor]:
     """Ragged prompts -> (a cache with row p holding prompt p at positions 0 .. len_p - 1, logits [P, V] of the
     token after each prompt). Prompts are right-padded and run from position 0 (plain causal attention, slice
-    writes); each row's logits are read at its own last token, and the pad keys beyond len_p are overwritten by
-    decode before any query can see them. Only the P last hidden states go through the output projection."""
+    writes); each row's logits are read at its own last token, and the pad keys beyond len_p are never seen (the
+    decode bias hides a prompt slot's keys past its prompt). Only the P last hidden states go through the output
+    projection."""
     device = model.embed_tokens.weight.device
     P, T = len(prompts), max(len(p) for p in prompts)
     tokens = torch.zeros(P, T, dtype=torch.long)
@@ -248,10 +249,11 @@ def prefill(model: Transformer, prompts: list[list[int]]) -> tuple[KVCache, torc
     return cache, F.linear(last, model.output_weight)  # P, V
 
 
-def decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int
-                ) -> torch.Tensor:
-    """tokens [B] at positions pos [B] -> next-token logits [B, V]; writes their keys into cache rows 0 .. B-1."""
-    return model(tokens[:, None], pos=pos, cache=cache, kv_len=kv_len)[:, 0]
+def decode_step(model: Transformer, cache: PrefixCache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int,
+                sharing: Sharing) -> torch.Tensor:
+    """tokens [B] at positions pos [B] -> next-token logits [B, V]; writes their keys into cache rows 0 .. B-1,
+    which attend over their prompt slots' keys (sharing) and their own keys 0 .. kv_len - 1."""
+    return model(tokens[:, None], pos=pos, cache=cache, kv_len=kv_len, sharing=sharing)[:, 0]
 
 
 _COMPILED: dict[str, Callable] = {}  # one compiled decode_step per mode, so its graphs outlive a generate call
@@ -265,13 +267,16 @@ def compiled_decode_step(device: torch.device) -> Callable:
     return _COMPILED[mode]
 
 
-def row_bytes(model: Transformer, cache_len: int, max_new_tokens: int) -> int:
-    """Estimated memory per slot: its K and V cache rows plus the per-step work on its logits (fp32 logits and
-    probs, fp64 CDF, int64 sort indices: ~32 bytes per vocabulary entry) and its output buffers."""
+def kv_bytes(model: Transformer, positions: int) -> int:
+    """Bytes of K and V for `positions` cache positions of one sequence, all layers."""
     cfg = model.config
-    itemsize = model.embed_tokens.weight.element_size()
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cache_len * cfg.head_dim * itemsize
-    return kv + 32 * cfg.vocab_size + 12 * (max_new_tokens + 1)
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * model.embed_tokens.weight.element_size() * positions
+
+
+def row_bytes(model: Transformer, max_new_tokens: int) -> int:
+    """Estimated memory per slot: its own K and V rows plus the per-step work on its logits (fp32 logits and
+    probs, fp64 CDF, int64 sort indices: ~32 bytes per vocabulary entry) and its output buffers."""
+    return kv_bytes(model, max_new_tokens) + 32 * model.config.vocab_size + 12 * (max_new_tokens + 1)
 
 
 def prefill_bytes(model: Transformer) -> int:
@@ -279,8 +284,16 @@ def prefill_bytes(model: Transformer) -> int:
     (a few [tokens, max(C, F)] tensors alive at once)."""
     cfg = model.config
     itemsize = model.embed_tokens.weight.element_size()
-    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
-    return PREFILL_TOKENS * (kv_per_token + 6 * max(cfg.dim, cfg.ffn_dim) * itemsize)
+    return kv_bytes(model, PREFILL_TOKENS) + PREFILL_TOKENS * 6 * max(cfg.dim, cfg.ffn_dim) * itemsize
+
+
+def slot_count(budget: int, per_row: int, per_prompt: int, n_prompts: int) -> int:
+    """The most slots r with r * per_row + min(r, n_prompts) * per_prompt <= budget (r rows hold at most r
+    distinct prompts)."""
+    r = budget // (per_row + per_prompt)
+    if r <= n_prompts:
+        return max(r, 0)
+    return max((budget - n_prompts * per_prompt) // per_row, 0)
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -293,15 +306,17 @@ def default_memory_budget(device: torch.device) -> int:
 
 @dataclass
 class Slots:
-    """The scheduler: R decode slots over one KV cache, the queue of (prompt, sample) pairs waiting for one, and
-    the prompts prefilled but not yet fanned out to all their samples. admit fills free slots, step decodes one
-    token in every slot, harvest takes out the finished rows, compact moves busy rows to the first slots.
+    """The scheduler: R decode slots and P prompt slots over one PrefixCache, the queue of (prompt, sample) pairs
+    waiting for a slot, and the prompts held in a prompt slot. admit fills free slots, run decodes every slot a
+    few steps, harvest takes out the finished rows, compact moves busy rows (and live prompts) to the first slots.
 
     Device state, one entry per slot: cur (the token to feed next), pos (its position), n_gen (tokens generated so
-    far, cur included), done (finished, or idle), stream (the occupant's stream_key), out_tok / out_lp (its tokens
-    and raw log-probs, with a trash column max_new_tokens where frozen rows write). Host state, read from the device
-    only at a check: occupant (the (prompt, sample) pair in each slot, None when free) and host_ngen (n_gen as of
-    the last check)."""
+    far, cur included), done (finished, or idle), stream (the occupant's stream_key), prompt / prompt_len (its
+    prompt slot and that prompt's length; 0 and 0 when idle), out_tok / out_lp (its tokens and raw log-probs, with
+    a trash column max_new_tokens where frozen rows write). Host state, read from the device only at a check:
+    occupant (the (prompt, sample) pair in each slot, None when free), host_ngen (n_gen as of the last check),
+    slot_of (prompt -> its prompt slot), first (prompt -> the logits after it, until all its samples have drawn
+    their first token) and unfinished (prompt -> samples not yet harvested: the prompt slot is freed at 0)."""
     model: Transformer
     prompts: list[list[int]]
     keys: list[int]
@@ -309,15 +324,19 @@ class Slots:
     seed: int
     sampling: Sampling
     rows: int
-    cache_len: int
+    prompt_slots: int
+    rows_len: int  # own keys per row: max_new_tokens, or rounded up to 256 when static
     step_fn: Callable = decode_step
-    static: bool = False  # compiled step: every slot every step, kv_len rounded up to a multiple of 256
+    static: bool = False  # compiled step: every slot every step, fixed Sharing shapes, kv_len rounded up to 256
 
     def __post_init__(self):
         R, M, dev = self.rows, self.sampling.max_new_tokens, self.model.embed_tokens.weight.device
         self.device = dev
-        self.cache = self.model.new_cache(R, self.cache_len)
-        self.cur, self.pos, self.n_gen, self.stream = (torch.zeros(R, dtype=torch.long, device=dev) for _ in range(4))
+        w = self.model.embed_tokens.weight
+        self.cache = PrefixCache(self.model.config, self.prompt_slots, max(map(len, self.prompts)), R, self.rows_len,
+                                 device=dev, dtype=w.dtype)
+        zeros = [torch.zeros(R, dtype=torch.long, device=dev) for _ in range(6)]
+        self.cur, self.pos, self.n_gen, self.stream, self.prompt, self.prompt_len = zeros
         self.done = torch.ones(R, dtype=torch.bool, device=dev)
         self.out_tok = torch.zeros(R, M + 1, dtype=torch.long, device=dev)
         self.out_lp = torch.zeros(R, M + 1, device=dev) if self.sampling.return_logprobs else None
@@ -325,54 +344,75 @@ class Slots:
         self.host_ngen = [0] * R
         self.queue = [(p, j) for p in range(len(self.prompts)) for j in range(self.n)][::-1]  # pop() = next pair
         self.to_admit = [self.n] * len(self.prompts)  # samples of each prompt not yet in a slot
-        self.prefilled: dict[int, tuple[KVCache, int, torch.Tensor]] = {}  # prompt -> side cache, its row, logits
+        self.unfinished = [self.n] * len(self.prompts)
+        self.slot_of: dict[int, int] = {}
+        self.free_prompt_slots = list(range(self.prompt_slots))[::-1]  # pop() = the lowest free slot
+        self.first: dict[int, torch.Tensor] = {}
 
     @property
     def busy(self) -> list[int]:
         return [s for s in range(self.rows) if self.occupant[s] is not None]
 
     def admit(self):
-        """Give free slots to the next pairs of the queue: prefill their new prompts (chunks of similar length),
-        copy each prompt's cache rows into its samples' slots, draw each slot's first token."""
+        """Give free slots to the next pairs of the queue: prefill their new prompts (chunks of similar length)
+        into free prompt slots, draw each slot's first token from its prompt's logits."""
         batch = [(*self.queue.pop(), s) for s in range(self.rows) if self.occupant[s] is None and self.queue]
         if not batch:
             return
-        need = sorted({p for p, _, _ in batch if p not in self.prefilled}, key=lambda p: len(self.prompts[p]))
+        need = sorted({p for p, _, _ in batch if p not in self.slot_of}, key=lambda p: len(self.prompts[p]))
         while need:  # need is sorted by length, so a chunk holds prompts of similar length
             take = [need.pop(0)]
             while need and (len(take) + 1) * len(self.prompts[need[0]]) <= PREFILL_TOKENS:
                 take.append(need.pop(0))
             side, logits = prefill(self.model, [self.prompts[p] for p in take])
-            self.prefilled.update((p, (side, row, logits[row])) for row, p in enumerate(take))
-        by_side: dict[int, list[tuple[int, int, int]]] = {}
-        for item in batch:
-            by_side.setdefault(id(self.prefilled[item[0]][0]), []).append(item)
-        for items in by_side.values():
-            side = self.prefilled[items[0][0]][0]
-            src = torch.tensor([self.prefilled[p][1] for p, _, _ in items], device=self.device)
-            dst = torch.tensor([s for _, _, s in items], device=self.device)
+            for p, row in zip(take, logits):
+                self.slot_of[p], self.first[p] = self.free_prompt_slots.pop(), row
+            slots = torch.tensor([self.slot_of[p] for p in take], device=self.device)
             T = side.k.shape[3]
-            self.cache.k[:, dst, :, :T] = side.k[:, src]  # fan-out: L, A, KVH, T, D
-            self.cache.v[:, dst, :, :T] = side.v[:, src]
-            logits = torch.stack([self.prefilled[p][2] for p, _, _ in items])  # A, V
-            streams = torch.tensor([stream_key(self.seed, self.keys[p], j) for p, j, _ in items], device=self.device)
-            ones = torch.ones(len(items), dtype=torch.long, device=self.device)
-            tok, lp = self.sampling.pick(logits, streams, ones - 1)
-            self.cur[dst], self.n_gen[dst], self.stream[dst], self.out_tok[dst, 0] = tok, 1, streams, tok
-            self.pos[dst] = torch.tensor([len(self.prompts[p]) for p, _, _ in items], device=self.device)
-            self.done[dst] = self.sampling.finished(tok, ones)
-            if lp is not None:
-                self.out_lp[dst, 0] = lp
+            self.cache.prompts.k[:, slots, :, :T] = side.k  # L, P, KVH, T, D: each prompt's keys once
+            self.cache.prompts.v[:, slots, :, :T] = side.v
+        dst = torch.tensor([s for _, _, s in batch], device=self.device)
+        logits = torch.stack([self.first[p] for p, _, _ in batch])  # A, V
+        streams = torch.tensor([stream_key(self.seed, self.keys[p], j) for p, j, _ in batch], device=self.device)
+        ones = torch.ones(len(batch), dtype=torch.long, device=self.device)
+        tok, lp = self.sampling.pick(logits, streams, ones - 1)
+        lens = torch.tensor([len(self.prompts[p]) for p, _, _ in batch], device=self.device)
+        self.cur[dst], self.n_gen[dst], self.stream[dst], self.out_tok[dst, 0] = tok, 1, streams, tok
+        self.pos[dst], self.prompt_len[dst] = lens, lens
+        self.prompt[dst] = torch.tensor([self.slot_of[p] for p, _, _ in batch], device=self.device)
+        self.done[dst] = self.sampling.finished(tok, ones)
+        if lp is not None:
+            self.out_lp[dst, 0] = lp
         for p, j, s in batch:
             self.occupant[s], self.host_ngen[s] = (p, j), 1
             self.to_admit[p] -= 1
-            if self.to_admit[p] == 0:  # every sample holds the prompt's rows now: its side cache row can go
-                del self.prefilled[p]
+            if self.to_admit[p] == 0:  # every sample has drawn its first token
+                del self.first[p]
 
-    def step(self, B: int, kv_len: int):
-        """Decode one token in slots 0 .. B-1, reading cache keys 0 .. kv_len-1. Frozen (done) rows keep their
-        position and token and write their draw to the trash column."""
-        logits = self.step_fn(self.model, self.cache, self.cur[:B], self.pos[:B], kv_len)  # B, V
+    def sharing(self, B: int) -> Sharing:
+        """Which of slots 0 .. B-1 share which prompt slot, for the steps until the next check. Static: the
+        shapes of every call's Sharing are the same ([prompt_slots, min(n, rows)] members, all prompt keys)."""
+        groups: dict[int, list[int]] = {}
+        for s in range(B):
+            if self.occupant[s] is not None:
+                groups.setdefault(self.slot_of[self.occupant[s][0]], []).append(s)
+        P = self.prompt_slots if self.static else max(groups) + 1
+        m = min(self.n, self.rows) if self.static else max(map(len, groups.values()))
+        members = [[0] * m for _ in range(P)]
+        member = [0] * B
+        for slot, rows in groups.items():
+            members[slot] = rows + [rows[0]] * (m - len(rows))
+            for i, s in enumerate(rows):
+                member[s] = i
+        keys = self.cache.prompts.max_len if self.static else max(
+            len(self.prompts[self.occupant[s][0]]) for rows in groups.values() for s in rows)
+        return Sharing(self.prompt[:B], self.prompt_len[:B], torch.tensor(members, device=self.device),
+                       torch.tensor(member, device=self.device), keys)
+
+    def step(self, B: int, kv_len: int, sharing: Sharing):
+        """Decode one token in slots 0 .. B-1, reading their own keys 0 .. kv_len-1. Frozen (done) rows keep
+        their position and token and write their draw to the trash column."""
+        logits = self.step_fn(self.model, self.cache, self.cur[:B], self.pos[:B], kv_len, sharing)  # B, V
         n_gen = self.n_gen[:B]
         tok, lp = self.sampling.pick(logits, self.stream[:B], n_gen)
         active = ~self.done[:B]
@@ -386,28 +426,27 @@ class Slots:
         self.done[:B] |= active & self.sampling.finished(tok, n_gen)
 
     def run(self, max_steps: int):
-        """Up to max_steps decode steps over the busy slots, without reading the device. kv_len bounds every busy
-        row's position + 1: row s feeds its token at len_p + n_gen - 1 <= len_p + min(host_ngen + k, max_new) - 1
-        at step k of this window."""
+        """Up to max_steps decode steps over the busy slots, without reading the device. kv_len bounds the own
+        keys every busy row reads: row s feeds its token at index n_gen - 1 <= min(host_ngen + k, max_new) - 1 at
+        step k of this window."""
         busy = self.busy
         max_new = self.sampling.max_new_tokens
         n_steps = min(max_steps, max(max_new - self.host_ngen[s] for s in busy))
-        lens = [len(self.prompts[self.occupant[s][0]]) for s in busy]
-        reach = max(n + self.host_ngen[s] for n, s in zip(lens, busy))
-        cap = max(lens) + max_new
+        reach = max(self.host_ngen[s] for s in busy)
         B = self.rows if self.static else busy[-1] + 1
+        sharing = self.sharing(B)
         for k in range(n_steps):
-            kv_len = min(reach + k, cap)
+            kv_len = min(reach + k, max_new)
             if self.static:
-                kv_len = min(-(-kv_len // 256) * 256, self.cache_len)
-            if self.static and self.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
-            self.step(B, kv_len)
+                kv_len = min(-(-kv_len // 256) * 256, self.rows_len)
+                if self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
+            self.step(B, kv_len, sharing)
 
     def harvest(self) -> list[tuple[int, int, list[int], list[float] | None, int]]:
         """The check: one read of the flags and counts, then the finished rows' outputs. -> per finished row
         (prompt, sample, tokens without the stop id, log-probs or None, tokens generated); their slots become free
-        (idle slots sit at position 0, inside any kv_len)."""
+        (idle: position 0, no prompt keys), and so does the prompt slot of a prompt whose last sample this was."""
         busy = self.busy
         done_host, ngen_host = torch.stack([self.done.long(), self.n_gen]).cpu().tolist()  # 2, R
         for s in busy:
@@ -423,30 +462,50 @@ class Slots:
         for i, s in enumerate(fin):
             m = self.host_ngen[s]
             keep = m - 1 if toks[i][m - 1] in stop else m
+            p = self.occupant[s][0]
             out.append((*self.occupant[s], toks[i][:keep], lps[i][:keep] if lps is not None else None, m))
             self.occupant[s] = None
-        self.pos[fin_t], self.cur[fin_t] = 0, 0
+            self.unfinished[p] -= 1
+            if self.unfinished[p] == 0:
+                self.free_prompt_slots.append(self.slot_of.pop(p))
+                self.free_prompt_slots.sort(reverse=True)
+        for t in (self.pos, self.cur, self.prompt, self.prompt_len):
+            t[fin_t] = 0
         return out
 
     def compact(self) -> int:
-        """With the queue empty and half the decoded slots idle, move the busy rows to slots 0 .. n-1 (their cache
-        rows up to the longest position, and their state), so later steps decode n slots instead of busy[-1] + 1.
-        -> the number of slots decoded before (0 when nothing moved)."""
+        """With the queue empty and half the decoded slots idle, move the busy rows to slots 0 .. n-1 (their own
+        keys up to the longest, and their state) and the live prompts to prompt slots 0 .. k-1, so later steps
+        decode n rows and read k prompts' keys. -> the number of slots decoded before (0 when nothing moved)."""
         busy = self.busy
         if self.queue or self.static or not busy or 2 * len(busy) > busy[-1] + 1:
             return 0
         src = torch.tensor(busy, device=self.device)
         dst = torch.arange(len(busy), device=self.device)
-        S = max(len(self.prompts[self.occupant[s][0]]) + self.host_ngen[s] for s in busy)
-        self.cache.k[:, dst, :, :S] = self.cache.k[:, src, :, :S]  # the right side is gathered before the write
-        self.cache.v[:, dst, :, :S] = self.cache.v[:, src, :, :S]
-        for t in (self.cur, self.pos, self.n_gen, self.done, self.stream, self.out_tok, self.out_lp):
+        S = max(self.host_ngen[s] for s in busy)
+        rows = self.cache.rows
+        rows.k[:, dst, :, :S] = rows.k[:, src, :, :S]  # the right side is gathered before the write
+        rows.v[:, dst, :, :S] = rows.v[:, src, :, :S]
+        for t in (self.cur, self.pos, self.n_gen, self.done, self.stream, self.prompt, self.prompt_len,
+                  self.out_tok, self.out_lp):
             if t is not None:
                 t[dst] = t[src]
         self.done[len(busy):] = True
-        self.pos[len(busy):] = 0
+        for t in (self.pos, self.cur, self.prompt, self.prompt_len):
+            t[len(busy):] = 0
         self.occupant = [self.occupant[s] for s in busy] + [None] * (self.rows - len(busy))
         self.host_ngen = [self.host_ngen[s] for s in busy] + [0] * (self.rows - len(busy))
+        live = sorted(self.slot_of.items(), key=lambda kv: kv[1])  # (prompt, slot), by slot
+        old = torch.tensor([slot for _, slot in live], device=self.device)
+        new = torch.arange(len(live), device=self.device)
+        prompts = self.cache.prompts
+        prompts.k[:, new] = prompts.k[:, old]
+        prompts.v[:, new] = prompts.v[:, old]
+        remap = torch.zeros(self.prompt_slots, dtype=torch.long, device=self.device)
+        remap[old] = new
+        self.prompt[:len(busy)] = remap[self.prompt[:len(busy)]]
+        self.slot_of = {p: i for i, (p, _) in enumerate(live)}
+        self.free_prompt_slots = list(range(len(live), self.prompt_slots))[::-1]
         return busy[-1] + 1
 
 
@@ -489,21 +548,23 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
         return (result, logprobs) if return_logprobs else result
 
     device = model.embed_tokens.weight.device
-    S_max = max(len(p) for p in prompts) + max_new_tokens
     budget = memory_budget_bytes or default_memory_budget(device)
-    per_row, reserve = row_bytes(model, S_max, max_new_tokens), prefill_bytes(model)
-    rows = min(len(prompts) * n, (budget - reserve) // per_row, max_batch_rows or math.inf)
-    if rows < 1:
-        raise ValueError(f"memory budget of {budget} bytes holds no row ({per_row} bytes) beside the prefill "
-                         f"reserve ({reserve} bytes)")
     compile = device.type == "cuda" if compile is None else compile
+    rows_len = -(-max_new_tokens // 256) * 256 if compile else max_new_tokens
+    per_row, per_prompt = row_bytes(model, rows_len), kv_bytes(model, max(len(p) for p in prompts))
+    reserve = prefill_bytes(model)
+    rows = min(len(prompts) * n, slot_count(budget - reserve, per_row, per_prompt, len(prompts)),
+               max_batch_rows or math.inf)
+    if rows < 1:
+        raise ValueError(f"memory budget of {budget} bytes holds no row ({per_row} bytes and a prompt's "
+                         f"{per_prompt}) beside the prefill reserve ({reserve} bytes)")
     sampling = Sampling(temperature, top_k, top_p, max_new_tokens, torch.tensor(stop, dtype=torch.long, device=device),
                         return_logprobs)
-    slots = Slots(model, prompts, keys, n, seed, sampling, int(rows), -(-S_max // 256) * 256 if compile else S_max,
+    slots = Slots(model, prompts, keys, n, seed, sampling, int(rows), min(len(prompts), int(rows)), rows_len,
                   step_fn=compiled_decode_step(device) if compile else decode_step, static=compile)
     if compile and device.type == "cuda":
-        torch._dynamo.mark_static_address(slots.cache.k)
-        torch._dynamo.mark_static_address(slots.cache.v)
+        for t in (slots.cache.prompts.k, slots.cache.prompts.v, slots.cache.rows.k, slots.cache.rows.v):
+            torch._dynamo.mark_static_address(t)
 
     reported = harvested = 0
     while True:
