@@ -172,13 +172,15 @@ class Sampling:
     stop_ids: torch.Tensor  # [n_stop] long, on the model's device
     return_logprobs: bool
 
-    def pick(self, logits: torch.Tensor, streams: torch.Tensor, steps: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits [B, V] of rows drawing from `streams` at `steps` -> (token [B], raw log-prob [B] or None)."""
+    def uniforms(self, streams: torch.Tensor, steps: torch.Tensor) -> torch.Tensor | None:
+        """The uniforms rows drawing from `streams` [B] at `steps` [B] or [K, B] use (None when greedy)."""
+        return None if self.temperature == 0 else uniform_from_stream(streams, steps)
+
+    def pick(self, logits: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [B, V], the rows' uniforms u [B] (uniforms()) -> (token [B], raw log-prob [B] or None)."""
         if self.temperature == 0:
             tok = logits.argmax(-1)
         else:
-            u = uniform_from_stream(streams, steps)
             if 0 < self.top_k < logits.shape[-1] or self.top_p < 1:
                 probs, ids = nucleus(logits, self.temperature, self.top_k, self.top_p)  # B, W
                 tok = ids.gather(-1, sample(probs, u=u)[:, None])[:, 0]
@@ -375,7 +377,7 @@ class Slots:
         logits = torch.stack([self.first[p] for p, _, _ in batch])  # A, V
         streams = torch.tensor([stream_key(self.seed, self.keys[p], j) for p, j, _ in batch], device=self.device)
         ones = torch.ones(len(batch), dtype=torch.long, device=self.device)
-        tok, lp = self.sampling.pick(logits, streams, ones - 1)
+        tok, lp = self.sampling.pick(logits, self.sampling.uniforms(streams, ones - 1))
         lens = torch.tensor([len(self.prompts[p]) for p, _, _ in batch], device=self.device)
         self.cur[dst], self.n_gen[dst], self.stream[dst], self.out_tok[dst, 0] = tok, 1, streams, tok
         self.pos[dst], self.prompt_len[dst] = lens, lens
@@ -409,12 +411,12 @@ class Slots:
         return Sharing(self.prompt[:B], self.prompt_len[:B], torch.tensor(members, device=self.device),
                        torch.tensor(member, device=self.device), keys)
 
-    def step(self, B: int, kv_len: int, sharing: Sharing):
-        """Decode one token in slots 0 .. B-1, reading their own keys 0 .. kv_len-1. Frozen (done) rows keep
-        their position and token and write their draw to the trash column."""
+    def step(self, B: int, kv_len: int, sharing: Sharing, u: torch.Tensor | None):
+        """Decode one token in slots 0 .. B-1, reading their own keys 0 .. kv_len-1, drawing with uniforms u [B].
+        Frozen (done) rows keep their position and token and write their draw to the trash column."""
         logits = self.step_fn(self.model, self.cache, self.cur[:B], self.pos[:B], kv_len, sharing)  # B, V
         n_gen = self.n_gen[:B]
-        tok, lp = self.sampling.pick(logits, self.stream[:B], n_gen)
+        tok, lp = self.sampling.pick(logits, u)
         active = ~self.done[:B]
         col = torch.where(active, n_gen, self.sampling.max_new_tokens)[:, None]  # B, 1
         self.out_tok[:B].scatter_(1, col, tok[:, None])
@@ -428,20 +430,23 @@ class Slots:
     def run(self, max_steps: int):
         """Up to max_steps decode steps over the busy slots, without reading the device. kv_len bounds the own
         keys every busy row reads: row s feeds its token at index n_gen - 1 <= min(host_ngen + k, max_new) - 1 at
-        step k of this window."""
+        step k of this window. The window's uniforms are hashed at once: a row still active at step k draws its
+        token n_gen + k (n_gen as the window starts); a frozen row's draw is thrown away."""
         busy = self.busy
         max_new = self.sampling.max_new_tokens
         n_steps = min(max_steps, max(max_new - self.host_ngen[s] for s in busy))
         reach = max(self.host_ngen[s] for s in busy)
         B = self.rows if self.static else busy[-1] + 1
         sharing = self.sharing(B)
+        steps = self.n_gen[:B] + torch.arange(n_steps, device=self.device)[:, None]  # n_steps, B
+        U = self.sampling.uniforms(self.stream[:B], steps)
         for k in range(n_steps):
             kv_len = min(reach + k, max_new)
             if self.static:
                 kv_len = min(-(-kv_len // 256) * 256, self.rows_len)
                 if self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
-            self.step(B, kv_len, sharing)
+            self.step(B, kv_len, sharing, None if U is None else U[k])
 
     def harvest(self) -> list[tuple[int, int, list[int], list[float] | None, int]]:
         """The check: one read of the flags and counts, then the finished rows' outputs. -> per finished row
