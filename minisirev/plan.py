@@ -36,8 +36,9 @@ Training, per rank (FSDP2, K >= 1 under torchrun):
                               the fp32 dH [N, C] and dW chunk accumulators
 Sampling and evaluation, per rank (a full replica, data-parallel):
     weights                   w * P (w: the bytes of --dtype)
-    one decode slot           2 L KVH D S w (K and V rows, S = longest prompt + max_new_tokens) + 32 V (sampler.
-                              row_bytes); the sampler fills 80% of the memory left with slots
+    one decode slot           2 L KVH D S w (K and V: its own max_new_tokens keys and at most one prompt slot of
+                              the longest prompt, S = longest prompt + max_new_tokens) + 32 V (sampler.row_bytes);
+                              the sampler fills 80% of the memory left with slots (more when slots share prompts)
 
 These are estimates of what PyTorch allocates (not the CUDA context, about 0.5-1 GiB, nor fragmentation); a plan
 `fits` when its total is at most 90% of the GPU. tests/test_distributed.py checks A against the tensors autograd

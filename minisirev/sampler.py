@@ -7,22 +7,28 @@ The pieces are small pure functions (gpt-fast `generate.py`, nanochat `engine.py
     sample            inverse-CDF draw from probs given uniforms (or a torch.Generator)
     stream_key, uniform_from_stream   the uniforms: a counter-based hash of (seed, key, sample index, step)
     prefill           right-padded ragged prompts -> their KV cache rows and next-token logits
-    decode_step       one token per slot against the preallocated cache
-    Slots             the scheduler's state: admit (refill free slots), step (decode), harvest (finished rows)
-    generate          validates, sizes the cache, and runs admit / step / harvest until the queue is empty
+    decode_step       one token per slot against the PrefixCache (a prompt's keys once, each row's own keys)
+    Slots             the scheduler's state: admit (refill free slots), run (decode), harvest (finished rows),
+                      compact (the tail)
+    generate          validates, sizes the cache, and runs admit / run / harvest until the queue is empty
 
-How generate works. A KV cache of `rows` slots, [L, rows, KVH, S_max, D] in the model's dtype, is allocated once per
-call (S_max = longest prompt + max_new_tokens). The work is the queue of (prompt, sample) pairs, prompt-major. When
-slots are free, the next pairs take them: their prompts are prefilled once (in a small side cache, batched and
-right-padded) and the prompt's cache rows are copied into each of its samples' slots (fan-out), so a prompt is
-prefilled once however many of its n samples there are and whenever they are admitted. All slots then decode
-together, one token per step, each at its own position. Every `sync_every` steps the host reads the finished flags
-(the one host synchronisation; stopping needs it), harvests finished rows and refills their slots. A row that
-finishes between two checks stays frozen (its position and token do not advance) until harvested, so at most
-sync_every - 1 steps of its slot are wasted; a larger sync_every wastes more slot-steps, a smaller one stalls the
-device more often. Rows that can only end by length are known to the host, so no step is wasted at the end. When
-the queue is empty and half the slots have gone idle, the busy rows move down to the first slots (a copy of their
-cache rows), so the tail of a run does not decode idle slots.
+How generate works. One PrefixCache (model.py) is allocated per call: P prompt slots of the longest prompt's length
+and R row slots of max_new_tokens keys each, [L, P or R, KVH, length, D] in the model's dtype (P = min(prompts, R):
+R rows never hold more than R distinct prompts). The work is the queue of (prompt, sample) pairs, prompt-major.
+When slots are free, the next pairs take them: their new prompts are prefilled once (batched and right-padded) into
+free prompt slots, so a prompt is prefilled once however many of its n samples there are and whenever they are
+admitted, and its keys are stored once. All rows then decode together, one token per step, each at its own
+position: a row attends over its prompt slot's keys and its own (attention_shared, one softmax over both), and the
+rows sharing a prompt read its keys once, as one block of queries (with n = 8..64 samples of an 80-token prompt, a
+step reads the prompt's keys once instead of n times; explicit matmuls rather than a masked SDPA call, which on a
+CPU was 1.4-3x slower at these sizes). Every `sync_every` steps the host reads the finished flags (the one host
+synchronisation; stopping needs it), harvests finished rows, frees the prompt slot of a prompt whose last sample
+finished, and refills free row slots. A row that finishes between two checks stays frozen (its position and token
+do not advance) until harvested, so at most sync_every - 1 steps of its slot are wasted; a larger sync_every
+wastes more slot-steps, a smaller one stalls the device more often. Rows that can only end by length are known to
+the host, so no step is wasted at the end. When the queue is empty and half the slots have gone idle, the busy rows
+move down to the first slots and the live prompts to the first prompt slots (copies of their keys), so the tail of
+a run does not decode idle slots or read finished prompts.
 
 Randomness. The uniform that draws token t of sample j of a prompt is a hash of (seed, key, j, t), key being the
 prompt's index (or the caller's `keys`, e.g. a question id). A draw therefore depends on nothing but those four
@@ -33,8 +39,9 @@ single-process one. The probabilities themselves can move at rounding level with
 rows may block differently), which changes a draw only when its uniform falls within rounding of a CDF boundary.
 Same seed -> same samples on the same device; across devices, up to those rounding flips.
 
-The decode step is torch.compiled by default on CUDA (compile=None): static shapes (every slot every step, kv_len
-rounded up to a multiple of 256, so at most S_max / 256 graphs) in "reduce-overhead" mode, which captures it in a
+The decode step is torch.compiled by default on CUDA (compile=None): static shapes (every slot every step, every
+prompt slot with min(n, R) member rows, the rows' own keys read rounded up to a multiple of 256, so at most
+max_new_tokens / 256 graphs) in "reduce-overhead" mode, which captures it in a
 CUDA graph (the cache is marked as a static address, as transformers' StaticCache does). If compiling fails, generate
 warns and decodes with the plain step. The plain step is the default elsewhere: on the 2-core CPU the compile took
 minutes (more than a default run's sampling) and static shapes make every step decode every slot over a rounded-up
@@ -46,7 +53,7 @@ model's raw distribution (temperature 1, no top-k/top-p), log_softmax(logits)[to
 sequence gives, and what SFT/DPO losses use.
 
 Shapes: R slots (rows), V vocab, W kept-token width, A pairs admitted at once, P prompts in a prefill chunk, T their
-padded length, plus model.py's alphabet (L layers, KVH kv heads, S_max cache length, D head dim).
+padded length, plus model.py's alphabet (L layers, KVH kv heads, D head dim).
 """
 
 from __future__ import annotations
@@ -293,7 +300,7 @@ def slot_count(budget: int, per_row: int, per_prompt: int, n_prompts: int) -> in
     """The most slots r with r * per_row + min(r, n_prompts) * per_prompt <= budget (r rows hold at most r
     distinct prompts)."""
     r = budget // (per_row + per_prompt)
-    if r <= n_prompts:
+    if r < n_prompts:
         return max(r, 0)
     return max((budget - n_prompts * per_prompt) // per_row, 0)
 

@@ -129,3 +129,40 @@ def test_positions_need_a_cache():
     model = Transformer(ModelConfig(**BASE))
     with pytest.raises(ValueError, match="pos without a cache"):
         model(torch.zeros(1, 3, dtype=torch.long), pos=torch.tensor([4]))
+
+
+def test_prefix_cache_matches_full_forward(cfg):
+    """The sampler's decode path: rows that share a prompt slot (its keys stored once, slots in shuffled order, junk
+    past each prompt and in the rows' unused keys) each decode their own continuation and get the logits of a full
+    forward pass over prompt + continuation; an idle row beside them (no prompt keys) changes nothing."""
+    from minisirev.model import PrefixCache, Sharing
+    model = Transformer(cfg).init_weights(seed=0)
+    lens = [5, 11, 8]  # prompt i sits in prompt slot slot_of[i]
+    slot_of = [2, 0, 1]
+    prompts = [tokens(cfg.vocab_size, B=1, T=n, seed=20 + i)[0] for i, n in enumerate(lens)]
+    row_prompt = [0, 1, 0, 2, 1, 0]  # rows 0 .. 5 decode; row 6 is idle
+    conts = [tokens(cfg.vocab_size, B=1, T=4, seed=40 + r)[0] for r in range(len(row_prompt))]
+    R, steps = len(row_prompt) + 1, 4
+    with torch.no_grad():
+        cache = PrefixCache(cfg, prompt_slots=3, prompt_len=12, rows=R, max_new=6)
+        for kv in (cache.prompts.k, cache.prompts.v, cache.rows.k, cache.rows.v):
+            kv.normal_()  # junk: stale keys must stay unseen
+        for i, p in enumerate(prompts):
+            side = model.new_cache(1, len(p))
+            model(p[None], cache=side)
+            cache.prompts.k[:, slot_of[i], :, :len(p)] = side.k[:, 0]
+            cache.prompts.v[:, slot_of[i], :, :len(p)] = side.v[:, 0]
+        groups = {slot: [r for r, p in enumerate(row_prompt) if slot_of[p] == slot] for slot in range(3)}
+        m = max(map(len, groups.values()))
+        members = torch.tensor([g + [g[0]] * (m - len(g)) for g in groups.values()])
+        member = torch.tensor([groups[slot_of[p]].index(r) for r, p in enumerate(row_prompt)] + [0])
+        prompt_len = torch.tensor([lens[p] for p in row_prompt] + [0])
+        sharing = Sharing(torch.tensor([slot_of[p] for p in row_prompt] + [0]), prompt_len, members, member, 12)
+        full = [model(torch.cat([prompts[p], c])[None])[0] for p, c in zip(row_prompt, conts)]
+        for i in range(steps):
+            tok = torch.tensor([int(c[i]) for c in conts] + [0])
+            pos = torch.cat([prompt_len[:-1] + i, torch.zeros(1, dtype=torch.long)])
+            out = model(tok[:, None], pos=pos, cache=cache, kv_len=i + 1, sharing=sharing)[:, 0]
+            for r, p in enumerate(row_prompt):
+                torch.testing.assert_close(out[r], full[r][lens[p] + i], atol=ATOL, rtol=RTOL)
+            assert out[-1].isfinite().all()

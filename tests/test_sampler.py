@@ -346,3 +346,12 @@ def test_compiled_step_equals_plain(model, recwarn):
             for x, y in zip(a, b):
                 torch.testing.assert_close(torch.tensor(y), torch.tensor(x), atol=ATOL, rtol=RTOL)
     assert not [w for w in recwarn if "compiled decode step failed" in str(w.message)]  # no silent fallback
+
+
+def test_slot_count_is_the_largest_that_fits():
+    """slot_count against brute force: the most rows r with r * row + min(r, prompts) * prompt <= budget."""
+    from minisirev.sampler import slot_count
+    for budget in range(0, 200, 7):
+        for row, prompt, n_prompts in ((3, 5, 4), (10, 1, 2), (1, 40, 3), (7, 7, 100)):
+            want = max(r for r in range(budget + 1) if r * row + min(r, n_prompts) * prompt <= budget)
+            assert slot_count(budget, row, prompt, n_prompts) == want
