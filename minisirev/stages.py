@@ -47,7 +47,7 @@ class EvalSettings:
     """How every model of a run is evaluated; these are the defaults of train.py and eval.py."""
     n_test: int = 200  # test questions (first N; 0 = all)
     n_ood: int = 0  # OOD questions (first N; 0 = all: arith's 500, 100 per level)
-    samples: int = 32  # sampled completions per test question: pass@k up to k = samples
+    samples: int = 64  # sampled completions per test question: pass@k up to k = samples (the paper's k = 64)
     temperature: float = 0.75
     top_p: float = 0.95
     top_k: int = 0
