@@ -386,6 +386,8 @@ class Transformer(nn.Module):
         if cache is None:
             raise ValueError("pos without a cache: positions only mean something against a KV cache")
         if isinstance(cache, PrefixCache):
+            if T != 1:
+                raise ValueError(f"a PrefixCache decodes one token per row, not {T}: prefill into a KVCache")
             return self.shared_positions(pos, cache, kv_len, sharing)
         S = kv_len or cache.max_len
         q_pos = pos[:, None] + torch.arange(T, device=device)  # B, T

@@ -129,6 +129,12 @@ def test_positions_need_a_cache():
     model = Transformer(ModelConfig(**BASE))
     with pytest.raises(ValueError, match="pos without a cache"):
         model(torch.zeros(1, 3, dtype=torch.long), pos=torch.tensor([4]))
+    from minisirev.model import PrefixCache
+    cache = PrefixCache(model.config, prompt_slots=1, prompt_len=4, rows=1, max_new=4)
+    with pytest.raises(ValueError, match="one token per row, not 3"):
+        model(torch.zeros(1, 3, dtype=torch.long), pos=torch.tensor([4]), cache=cache)
+    with pytest.raises(ValueError, match="needs a Sharing"):
+        model(torch.zeros(1, 1, dtype=torch.long), pos=torch.tensor([4]), cache=cache)
 
 
 def test_prefix_cache_matches_full_forward(cfg):
