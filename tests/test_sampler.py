@@ -130,6 +130,21 @@ def test_prefill_once_per_prompt(model):
     assert sum(prefilled) == len(prompts)
 
 
+def test_prompt_keys_stored_once(model, monkeypatch):
+    """A prompt's keys live in one prompt slot for all its samples: the cache holds min(prompts, rows) prompt
+    slots of the longest prompt and, per row, only max_new_tokens keys of its own."""
+    from minisirev import sampler
+    made = []
+    init = sampler.PrefixCache.__init__
+    monkeypatch.setattr(sampler.PrefixCache, "__init__",
+                        lambda self, *a, **kw: made.append(a) or init(self, *a, **kw))
+    prompts = make_prompts()
+    generate(model, prompts, n=8, max_new_tokens=6, temperature=1.0)
+    generate(model, prompts, n=8, max_new_tokens=6, temperature=1.0, max_batch_rows=3)
+    # (config, prompt_slots, prompt_len, rows, max_new): 40 rows share 5 prompt slots; 3 rows need at most 3
+    assert [a[1:] for a in made] == [(5, max(LENS), 40, 6), (3, max(LENS), 3, 6)]
+
+
 # ---- stopping, seeds, n ---------------------------------------------------------------------------------------
 
 def test_stop_ids_honoured_and_excluded(model):
