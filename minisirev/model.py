@@ -175,7 +175,7 @@ def attention_ref(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
     return out.view(B, H, T, D).to(q.dtype)
 
 
-def attention_shared(q, cache: PrefixCache, layer: int, at: "Positions", scale: float) -> torch.Tensor:
+def attention_shared(q, cache: PrefixCache, layer: int, at: Positions, scale: float) -> torch.Tensor:
     """Decode attention over a PrefixCache: q [B, H, 1, D] -> [B, H, 1, D], in the cache's dtype.
 
     Row b attends over its prompt's keys (prompt slot at.sharing.prompt[b]) and its own generated keys, one softmax

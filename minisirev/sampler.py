@@ -58,6 +58,7 @@ padded length, plus model.py's alphabet (L layers, KVH kv heads, D head dim).
 
 from __future__ import annotations
 
+import heapq
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -355,7 +356,7 @@ class Slots:
         self.to_admit = [self.n] * len(self.prompts)  # samples of each prompt not yet in a slot
         self.unfinished = [self.n] * len(self.prompts)
         self.slot_of: dict[int, int] = {}
-        self.free_prompt_slots = list(range(self.prompt_slots))[::-1]  # pop() = the lowest free slot
+        self.free_prompt_slots = list(range(self.prompt_slots))  # a heap: heappop gives the lowest free slot
         self.first: dict[int, torch.Tensor] = {}
 
     @property
@@ -375,7 +376,7 @@ class Slots:
                 take.append(need.pop(0))
             side, logits = prefill(self.model, [self.prompts[p] for p in take])
             for p, row in zip(take, logits):
-                self.slot_of[p], self.first[p] = self.free_prompt_slots.pop(), row
+                self.slot_of[p], self.first[p] = heapq.heappop(self.free_prompt_slots), row
             slots = torch.tensor([self.slot_of[p] for p in take], device=self.device)
             T = side.k.shape[3]
             self.cache.prompts.k[:, slots, :, :T] = side.k  # L, P, KVH, T, D: each prompt's keys once
@@ -479,8 +480,7 @@ class Slots:
             self.occupant[s] = None
             self.unfinished[p] -= 1
             if self.unfinished[p] == 0:
-                self.free_prompt_slots.append(self.slot_of.pop(p))
-                self.free_prompt_slots.sort(reverse=True)
+                heapq.heappush(self.free_prompt_slots, self.slot_of.pop(p))
         for t in (self.pos, self.cur, self.prompt, self.prompt_len):
             t[fin_t] = 0
         return out
@@ -517,7 +517,7 @@ class Slots:
         remap[old] = new
         self.prompt[:len(busy)] = remap[self.prompt[:len(busy)]]
         self.slot_of = {p: i for i, (p, _) in enumerate(live)}
-        self.free_prompt_slots = list(range(len(live), self.prompt_slots))[::-1]
+        self.free_prompt_slots = list(range(len(live), self.prompt_slots))
         return busy[-1] + 1
 
 
