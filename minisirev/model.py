@@ -66,12 +66,19 @@ def rope_tables(config: ModelConfig, length: int, device=None) -> tuple[torch.Te
     return freqs.cos(), freqs.sin()
 
 
+def rotation_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_tables' cos, sin [..., D/2] -> the full-width factors apply_rope takes: [cos, cos] and [-sin, sin]."""
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by angle pos * inv_freq_i (the rotate-half layout of HF), in fp32, cast back.
-    x [B, H, T, D]; cos, sin [B or 1, 1, T, D/2]."""
+    """Rotate pairs (x_i, x_{i+D/2}) by angle pos * inv_freq_i (the rotate-half layout of HF), in fp32, cast back:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) = x * [cos, cos] + [x2, x1] * [-sin, sin], the second form in
+    four ops (the same bits: a - b is a + (-b) in floating point).
+    x [B, H, T, D]; cos, sin [B or 1, 1, T, D] (rotation_tables)."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return (xf * cos + torch.cat([x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 # ---- KV cache -------------------------------------------------------------------------------------------------
@@ -135,12 +142,18 @@ class Sharing:
     prompt [B] long: row b's prompt slot; prompt_len [B] long: that prompt's length (0 for an idle row).
     members [P, m] long: the rows of prompt slots 0 .. P-1, m columns, padded with any row (their results are
         never read); member [B] long: row b's column in its slot's members (0 for an idle row).
-    prompt_keys: the prompt keys read, 0 .. prompt_keys - 1 (at least the longest prompt of slots 0 .. P-1)."""
+    prompt_keys: the prompt keys read, 0 .. prompt_keys - 1 (at least the longest prompt of slots 0 .. P-1).
+    Derived once per Sharing: stacked [P * m] (members flattened: the rows in slot-major order) and unstack [B]
+    (row b's place in that order), the two index_select lists attention_shared moves rows by."""
     prompt: torch.Tensor
     prompt_len: torch.Tensor
     members: torch.Tensor
     member: torch.Tensor
     prompt_keys: int
+
+    def __post_init__(self):
+        self.stacked = self.members.flatten()
+        self.unstack = self.prompt * self.members.shape[1] + self.member
 
 
 # ---- attention ------------------------------------------------------------------------------------------------
@@ -191,12 +204,17 @@ def attention_shared(q, cache: PrefixCache, layer: int, at: Positions, scale: fl
     pk, pv = cache.prompts.k[layer, :P, :, :Tp], cache.prompts.v[layer, :P, :, :Tp]  # P, KVH, Tp, D
     rk, rv = cache.rows.k[layer, :B, :, :S], cache.rows.v[layer, :B, :, :S]  # B, KVH, S, D
     qr = q.view(B, KVH, G, D)
-    qp = qr[sh.members].transpose(1, 2).reshape(P, KVH, m * G, D)  # a slot's rows' queries side by side
-    sp = (qp @ pk.transpose(-1, -2)).view(P, KVH, m, G, Tp)[sh.prompt, :, sh.member]  # B, KVH, G, Tp
+
+    def stack(x):  # [B, KVH, G, E] -> [P, KVH, m * G, E]: each slot's rows side by side
+        return x.index_select(0, sh.stacked).view(P, m, KVH, G, -1).transpose(1, 2).reshape(P, KVH, m * G, -1)
+
+    def unstack(x):  # [P, KVH, m * G, E] -> [B, KVH, G, E]: back to the rows
+        return x.view(P, KVH, m, G, -1).transpose(1, 2).reshape(P * m, KVH, G, -1).index_select(0, sh.unstack)
+
+    sp = unstack(stack(qr) @ pk.transpose(-1, -2))  # B, KVH, G, Tp
     scores = torch.add(at.bias, torch.cat([sp, qr @ rk.transpose(-1, -2)], dim=-1).float(), alpha=scale)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)  # B, KVH, G, Tp + S
-    pp = probs[..., :Tp][sh.members].transpose(1, 2).reshape(P, KVH, m * G, Tp)
-    yp = (pp @ pv).view(P, KVH, m, G, D)[sh.prompt, :, sh.member]  # B, KVH, G, D
+    yp = unstack(stack(probs[..., :Tp]) @ pv)  # B, KVH, G, D
     return (yp + probs[..., Tp:] @ rv).view(B, H, 1, D)
 
 
@@ -204,7 +222,7 @@ def attention_shared(q, cache: PrefixCache, layer: int, at: Positions, scale: fl
 class Positions:
     """What every layer of one forward call shares, computed once per call (not once per layer).
 
-    cos, sin [B or 1, 1, T, D/2]: the RoPE angles of the call's tokens.
+    cos, sin [B or 1, 1, T, D]: the RoPE factors of the call's tokens (rotation_tables).
     pos [B] or None: the position of each row's first token; None means every row starts at 0.
     mask [B or 1, 1, T, S] bool or None: attention_mask for the sdpa / ref backends (None: plain causal).
     write_index [B * KVH * T] or None: KVCache.write_index (None: rows start at 0, a slice write).
@@ -364,22 +382,23 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
-    def rope(self, positions: torch.Tensor, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor, max_pos: int, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] (all < max_pos) -> cos, sin [B, 1, T, D/2], looked up in a table built once per device
         and grown to the next power of two when a longer sequence comes (not a buffer: it stays fp32 and out of
-        the state dict)."""
+        the state dict). full=True: apply_rope's full-width factors [B, 1, T, D] (rotation_tables)."""
         table = getattr(self, "_rope_table", None)
         if table is None or table[0].device != positions.device or table[0].shape[0] < max_pos:
-            self._rope_table = table = rope_tables(self.config, max(256, 1 << (max_pos - 1).bit_length()),
-                                                   positions.device)
-        return table[0][positions][:, None], table[1][positions][:, None]
+            cos, sin = rope_tables(self.config, max(256, 1 << (max_pos - 1).bit_length()), positions.device)
+            self._rope_table = table = (cos, sin, *rotation_tables(cos, sin))
+        cos, sin = table[2:] if full else table[:2]
+        return cos[positions][:, None], sin[positions][:, None]
 
     def positions(self, B: int, T: int, device, pos: torch.Tensor | None, cache: KVCache | PrefixCache | None,
                   kv_len: int | None, sharing: Sharing | None = None) -> Positions:
         """The per-call attention inputs (see Positions) for tokens [B, T] starting at pos (see hidden)."""
         window = self.config.sliding_window
         if pos is None:  # every row from position 0: causal over the call's own tokens (+ window)
-            cos, sin = self.rope(torch.arange(T, device=device)[None], T)
+            cos, sin = self.rope(torch.arange(T, device=device)[None], T, full=True)
             needs_mask = window is not None or self.attn == "ref"
             mask = attention_mask(torch.arange(T, device=device)[None], T, window) if needs_mask else None
             return Positions(cos, sin, mask=mask if self.attn != "triton" else None)
@@ -391,7 +410,7 @@ class Transformer(nn.Module):
             return self.shared_positions(pos, cache, kv_len, sharing)
         S = kv_len or cache.max_len
         q_pos = pos[:, None] + torch.arange(T, device=device)  # B, T
-        cos, sin = self.rope(q_pos, cache.max_len)
+        cos, sin = self.rope(q_pos, cache.max_len, full=True)
         mask = attention_mask(q_pos, S, window) if self.attn != "triton" else None  # B, 1, T, S
         return Positions(cos, sin, pos=pos, mask=mask, write_index=cache.write_index(pos, T), kv_len=S)
 
@@ -403,7 +422,7 @@ class Transformer(nn.Module):
         if sharing is None:
             raise ValueError("a PrefixCache needs a Sharing: which rows share which prompt slot")
         S, Tp = kv_len or cache.rows.max_len, sharing.prompt_keys
-        cos, sin = self.rope(pos[:, None], cache.prompts.max_len + cache.rows.max_len)
+        cos, sin = self.rope(pos[:, None], cache.prompts.max_len + cache.rows.max_len, full=True)
         start = sharing.prompt_len[:, None]  # B, 1: the position of a row's key 0
         key_pos = torch.cat([torch.arange(Tp, device=pos.device).expand(len(pos), Tp),
                              start + torch.arange(S, device=pos.device)], dim=1)  # B, Tp + S

@@ -74,6 +74,7 @@ M32 = 0xFFFFFFFF
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward: bounds the side cache and activations
 CPU_MEMORY_BUDGET = 4 * 2**30  # default bytes for cache + per-row work on a CPU (on CUDA: 80% of free memory)
 COMPACT_IDLE = 1 / 4  # with the queue empty, the busy rows move down once this fraction of the decoded slots idles
+SORT_KEYS_FROM = 256  # sort_desc sorts int64 keys from this many columns on
 NUCLEUS_PREFILTER = 1 / 64  # top-p first looks among tokens of probability >= this (at most 64 of them)
 
 
@@ -93,10 +94,24 @@ def _compact(values: torch.Tensor, keep: torch.Tensor, fill: float) -> tuple[tor
     return out_v[:, :W], out_i[:, :W]
 
 
+def sort_desc(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs [B, W] fp32 >= 0 -> (values, columns) in descending order, the lower column first among equal values:
+    torch.sort(stable=True, descending=True)'s result, from one sort of distinct int64 keys instead (on a CPU 25%
+    faster at W = 400; below SORT_KEYS_FROM columns the plain stable sort is cheaper than building the keys). A
+    non-negative float's bits, read as an int, order like the float, so the key bits * 2^32 + (W - 1 - column)
+    orders by value, then by column, with no two keys equal."""
+    W = probs.shape[-1]
+    if W < SORT_KEYS_FROM:
+        return torch.sort(probs, dim=-1, descending=True, stable=True)
+    col = torch.arange(W - 1, -1, -1, device=probs.device)
+    keys = torch.sort((probs.view(torch.int32).long() << 32) | col, dim=-1, descending=True).values
+    return (keys >> 32).int().view(torch.float32), (W - 1) - (keys & M32)
+
+
 def _rank_and_cut(probs: torch.Tensor, ids: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """probs, ids [B, W] (ids ascending in each row) -> the same in descending probability (stable: the lower id
     first among equal ones), the probability of every token past the top-p cut set to 0."""
-    probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # B, W
+    probs, order = sort_desc(probs)  # B, W
     mass_before = F.pad(probs.double().cumsum(-1)[:, :-1], (1, 0))  # B, W: exclusive cumulative sum
     return probs.masked_fill(mass_before >= top_p, 0.0), ids.gather(-1, order)
 

@@ -125,6 +125,21 @@ def test_rope_table_rows_are_the_direct_formula(cfg):
     assert model._rope_table[0].shape[0] == 1024
 
 
+def test_rope_is_the_rotate_half_formula_bit_for_bit(cfg):
+    """apply_rope's four-op form x * [cos, cos] + [x2, x1] * [-sin, sin] gives exactly the textbook
+    (x1 cos - x2 sin, x2 cos + x1 sin), on the model's own tables, in fp32 and (cast back) bf16."""
+    from minisirev.model import apply_rope
+    model = Transformer(cfg)
+    positions = torch.arange(300)[None].repeat(2, 1)
+    cos, sin = model.rope(positions, 300)  # B, 1, T, D/2
+    cos_full, sin_full = model.rope(positions, 300, full=True)  # B, 1, T, D
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, cfg.n_heads, 300, cfg.head_dim).to(dtype)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        want = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
+        assert torch.equal(apply_rope(x, cos_full, sin_full), want)
+
+
 def test_positions_need_a_cache():
     model = Transformer(ModelConfig(**BASE))
     with pytest.raises(ValueError, match="pos without a cache"):

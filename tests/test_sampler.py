@@ -317,6 +317,22 @@ def test_top_p_prefilter_keeps_the_same_set(top_p):
     assert kept_pairs(*got) == kept_pairs(*whole) == [nucleus_reference(p, top_p) for p in probs.tolist()]
 
 
+@pytest.mark.parametrize("W", [40, 255, 256, 1000])
+def test_sort_desc_is_the_stable_descending_sort(W):
+    """sort_desc (int64 keys from W >= SORT_KEYS_FROM, torch's stable sort below) gives torch.sort(stable=True,
+    descending=True)'s values and columns, with ties (the lower column first), zeros and tiny values."""
+    from minisirev.sampler import SORT_KEYS_FROM, sort_desc
+    assert 40 < SORT_KEYS_FROM <= 1000
+    g = torch.Generator().manual_seed(W)
+    probs = torch.softmax(torch.randn(16, W, generator=g) * 4, dim=-1)
+    probs[:, ::3] = probs[:, 1:2]  # every third column ties with column 1
+    probs[:4, 5::7] = 0.0
+    probs[4:8, 2::5] = 1e-40  # subnormal
+    values, cols = sort_desc(probs)
+    want_v, want_c = torch.sort(probs, dim=-1, descending=True, stable=True)
+    assert torch.equal(values, want_v) and torch.equal(cols, want_c)
+
+
 def test_top_k_keeps_ties_and_renormalises():
     logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.0, 2.0]])
     probs, ids = nucleus(logits, 1.0, 2, 1.0)  # the 2nd largest logit (2.0) is tied three ways: all kept
