@@ -76,6 +76,7 @@ CPU_MEMORY_BUDGET = 4 * 2**30  # default bytes for cache + per-row work on a CPU
 COMPACT_IDLE = 1 / 4  # with the queue empty, the busy rows move down once this fraction of the decoded slots idles
 SORT_KEYS_FROM = 256  # sort_desc sorts int64 keys from this many columns on
 NUCLEUS_PREFILTER = 1 / 64  # top-p first looks among tokens of probability >= this (at most 64 of them)
+NUCLEUS_WIDE = 64  # ... then, in rows where those fall short of p, among the row's 64 most probable tokens
 
 
 # ---- logits -> kept tokens -> token ---------------------------------------------------------------------------
@@ -133,7 +134,10 @@ def nucleus(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_
     all the tokens above a value, so their order is the start of the full order, and their fp64 sums are exact
     (fp32 values >= 2^-29 summed below 2). When their total reaches p, the next token has mass before it >= p and
     is dropped, so the kept set and probabilities are exactly those of ranking the whole vocabulary (prefilter=0);
-    rows whose candidates do not reach p are ranked whole. This replaces a sort of V by one of <= 1 / prefilter."""
+    a row whose candidates fall short gets a second look at its NUCLEUS_WIDE most probable tokens (every token down
+    to the NUCLEUS_WIDE-th largest value and no lower than 2^-29, so the same argument holds), when that many
+    tokens of its largest probability could reach p; rows still short are ranked whole. This replaces a sort of V
+    by one of about 1 / prefilter, or NUCLEUS_WIDE, for every row whose nucleus is that small."""
     x = logits.float() / temperature
     B, V = x.shape
     if 0 < top_k < V:
@@ -148,7 +152,14 @@ def nucleus(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_
     if prefilter <= 0 or x.device.type == "cuda":
         return _rank_and_cut(probs, ids, top_p)
     keep = probs >= prefilter
-    covered = (probs * keep).double().sum(-1) >= top_p  # B: the candidates reach p (an exact sum, see above)
+    mass = (probs * keep).double().sum(-1)  # B: the candidates' mass (an exact sum, see above)
+    wide = ((mass < top_p) & (probs.max(-1).values * NUCLEUS_WIDE >= top_p)).nonzero()[:, 0]
+    if len(wide):  # rows the prefilter missed whose NUCLEUS_WIDE most probable tokens may reach p: look at those
+        pw = probs[wide]
+        least = torch.topk(pw, min(NUCLEUS_WIDE, V), dim=-1).values[:, -1:].clamp(min=2.0**-29)  # W', 1
+        keep[wide] = kw = pw >= least  # all tokens down to that value, ties included: the start of the order
+        mass[wide] = (pw * kw).double().sum(-1)
+    covered = mass >= top_p  # B: the candidates reach p
     if bool(covered.all()):
         return _rank_and_cut(*_compact(probs, keep, 0.0), top_p)
     if not bool(covered.any()):

@@ -301,11 +301,13 @@ def kept_pairs(probs: torch.Tensor, ids: torch.Tensor) -> list[list[tuple[int, f
 
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.99])
 def test_top_p_prefilter_keeps_the_same_set(top_p):
-    """Peaked rows (settled by the prefilter), flat rows (ranked whole) and rows with tied logits: the kept tokens,
-    their order and probabilities are those of ranking the whole vocabulary, and of a brute-force reference."""
+    """Peaked rows (settled by the prefilter), spread rows (settled by the second look at their NUCLEUS_WIDE most
+    probable tokens), flat rows (ranked whole) and rows with tied logits: the kept tokens, their order and
+    probabilities are those of ranking the whole vocabulary, and of a brute-force reference."""
+    from minisirev.sampler import NUCLEUS_WIDE
     g = torch.Generator().manual_seed(0)
     V = 300
-    scale = torch.tensor([8.0] * 20 + [3.0] * 20 + [0.05] * 8)[:, None]
+    scale = torch.tensor([8.0] * 20 + [3.0] * 20 + [1.0] * 20 + [0.05] * 8)[:, None]
     logits = torch.randn(len(scale), V, generator=g) * scale
     logits[::5, 1:40:3] = logits[::5, :1]  # ties with the largest logit of every 5th row (some straddle the cut)
     logits[1::7, 50:60] = logits[1::7].max(-1, keepdim=True).values - 0.3
@@ -313,7 +315,8 @@ def test_top_p_prefilter_keeps_the_same_set(top_p):
     whole = nucleus(logits, 1.0, 0, top_p, prefilter=0.0)
     probs = torch.softmax(logits, -1)
     settled = ((probs * (probs >= 1 / 64)).double().sum(-1) >= top_p)
-    assert settled.any() and (~settled).any()  # both paths ran
+    second = ~settled & (torch.topk(probs, NUCLEUS_WIDE).values.double().sum(-1) >= top_p)
+    assert settled.any() and second.any() and (~settled & ~second).any()  # the three paths ran
     assert kept_pairs(*got) == kept_pairs(*whole) == [nucleus_reference(p, top_p) for p in probs.tolist()]
 
 
