@@ -24,13 +24,13 @@ Training, per rank (FSDP2, K >= 1 under torchrun):
         RMSNorm x 2           4 C (the fp32 input) + b C (normalised) + b C (the weighted output, saved by the
                               next linear) each
         attention             b (H D + 2 KVH D) (rotated q, k and v) + b H D (output) + 4 H (row logsumexp),
-                              + b H D: the [B, H, T, D] output is copied into o_proj's [B, T, H D] input (with
-                              the Triton kernel and, since model.py hands SDPA's output back as [B, H, T, D],
-                              with SDPA too)
+                              + b H D with the Triton kernel: its [B, H, T, D] output is copied into o_proj's
+                              [B, T, H D] input (SDPA's output keeps q's [B, T, H, D] memory order, which RoPE
+                              preserves, so o_proj reads it as a view)
         SwiGLU                4 b F (gate output, its silu, up output, their product)
     A_out                     4 C + 2 b C (final norm) + 12 (the token ids, the final norm's fp32 1/rms)
-                              + 4 D / rows (the fp32 RoPE cos and sin tables, [T, D/2] each, shared by every
-                              block and every row)
+                              + 8 D / rows (the fp32 RoPE factors, [T, D] each, shared by every block and
+                              every row)
     loss                      unfused: 12 V per token (bf16 logits, their fp32 copy, log-softmax, its gradient);
                               fused (kernels/dpo_loss.py): one fp32 tile of <= 2^26 logits and its gradient, plus
                               the fp32 dH [N, C] and dW chunk accumulators
@@ -67,12 +67,12 @@ def activation_bytes_per_token(cfg, b: int, attn: str = "triton") -> int:
     """A: bytes autograd keeps per token and block (module docstring), for a flash-style backend."""
     C, D, H, KVH, F = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
     norms = 2 * (4 * C + 2 * b * C)
-    attention = b * (H * D + 2 * KVH * D) + 2 * b * H * D + 4 * H  # the same for every backend (docstring)
+    attention = b * (H * D + 2 * KVH * D) + b * H * D + 4 * H + (b * H * D if attn == "triton" else 0)
     return norms + attention + 4 * b * F
 
 
 def output_activation_bytes_per_token(cfg, b: int, rows: int = 1) -> float:
-    return 4 * cfg.dim + 2 * b * cfg.dim + 12 + 4 * cfg.head_dim / rows
+    return 4 * cfg.dim + 2 * b * cfg.dim + 12 + 8 * cfg.head_dim / rows
 
 
 @dataclass
