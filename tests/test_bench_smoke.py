@@ -26,3 +26,22 @@ def test_bench_smoke(bench, tmp_path):
         ours = [r[2] for r in rows if r[1] == "ours"]
     assert ours and all(float(x) > 0 for x in ours), rows
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_sampler_breakdown_adds_up():
+    """bench/sampler_breakdown.py times every piece of a generate call exclusively: each wrapped piece is called as
+    often as the model's structure says, and the pieces add up to the call."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "sampler_breakdown.py"), "--prompts", "2", "--n", "2",
+                          "--max-new-tokens", "8", "--repeats", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.strip("|").split("|")]
+                                  for line in res.stdout.splitlines() if line.startswith("| ")) if r[0] != "piece"}
+    total = float(rows.pop("**total**")[1])
+    assert abs(sum(float(r[1]) for r in rows.values()) - total) <= 0.001 * len(rows) + 1e-9, rows
+    layers, decode_steps = 4, 7  # the shipped model; 8 new tokens, the first drawn from the prefill's logits
+    forwards = decode_steps + 1  # the decode steps and one prefill (both prompts in one chunk)
+    assert int(rows["linear layers"][0]) == 7 * layers * forwards  # q, k, v, o, gate, up, down
+    assert int(rows["decode attention (prompt + own keys)"][0]) == layers * decode_steps
+    assert int(rows["RMSNorm"][0]) == (2 * layers + 1) * forwards
+    assert int(rows["output projection"][0]) == decode_steps
