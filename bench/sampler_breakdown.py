@@ -48,13 +48,14 @@ parser.add_argument("--config", default="base", choices=list(CONFIGS),
                     help="base = data/base_model's weights; 10m = a random ~10M-parameter Llama")
 parser.add_argument("--prompts", type=int, default=32, help="prompts (18-62 tokens, random ids, seed 0)")
 parser.add_argument("--n", type=int, default=8, help="samples per prompt: rows = prompts x n")
-parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per row (no EOS)")
+parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per row (no EOS), >= 2")
 parser.add_argument("--sampled", action="store_true", help="temperature 1, top-p 0.95 (default: greedy)")
 parser.add_argument("--repeats", type=int, default=3, help="untimed generate calls to take the median wall of")
 parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 args = parser.parse_args()
-if min(args.prompts, args.n, args.max_new_tokens, args.repeats, args.threads) < 1:
-    parser.error("--prompts, --n, --max-new-tokens, --repeats and --threads must be at least 1")
+if min(args.prompts, args.n, args.repeats, args.threads) < 1 or args.max_new_tokens < 2:
+    parser.error("--prompts, --n, --repeats and --threads must be at least 1, --max-new-tokens at least 2 "
+                 "(the first token is drawn from the prefill, the decode steps come after)")
 torch.set_num_threads(args.threads)
 
 if CONFIGS[args.config] is None:
