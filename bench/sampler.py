@@ -29,7 +29,6 @@ reported as a fraction of the GPU's datasheet peak (table below) and of a measur
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import sys
@@ -38,10 +37,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from sampler_models import BASE_MODEL, CONFIGS, device_name, linears_fn  # noqa: E402
 
 from minisirev.checkpoint import load_model, save_model  # noqa: E402
 from minisirev.config import ModelConfig  # noqa: E402
@@ -52,18 +52,6 @@ from minisirev.sampler import generate  # noqa: E402
 PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
                   ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 864e9),
                   ("A10G", 600e9), ("L4", 300e9)]
-BASE_MODEL = ROOT / "data" / "base_model"
-CONFIGS = {
-    # the shipped default model (its trained weights: realistic next-token distributions for top-p)
-    "base": None,
-    # a ~10M-parameter Llama with the default's tokenizer, random weights (init std 0.02: near-flat distributions)
-    "10m": dict(vocab_size=398, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=512,
-                tie_embeddings=True, bos_id=1, eos_id=2, pad_id=0),
-    "tiny": dict(ModelConfig.from_preset("tiny").to_dict()),
-    # a Llama-shaped ~1.2B model: big enough that batch-1 decode on a GPU is bound by memory bandwidth
-    "llama-1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
-                     max_seq_len=4096, bos_id=1, eos_id=2),
-}
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 # ---- model
@@ -92,18 +80,6 @@ torch.set_num_threads(args.threads)
 device = torch.device(args.device)
 dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 compile = None if args.compile is None else args.compile == "on"
-
-
-def device_name() -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def sync():
@@ -152,18 +128,6 @@ def load_pair(name: str):
     return ours, hf
 
 
-def linears_fn(model: Transformer, tokens: int):
-    """A function running every linear layer of `model` once on `tokens` rows of random input (the floor)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.output_weight]
-    xs = {w.shape[1]: torch.randn(tokens, w.shape[1], device=device, dtype=dtype) for w in weights}
-
-    def run():
-        with torch.no_grad():
-            for w in weights:
-                F.linear(xs[w.shape[1]], w)
-    return run
-
-
 def bench_config(name: str) -> tuple[list[list], str]:
     ours, hf = load_pair(name)
     cfg = ours.config
@@ -193,7 +157,8 @@ def bench_config(name: str) -> tuple[list[list], str]:
     for new in args.max_new_tokens:
         for n in args.n:
             R = len(prompts) * n
-            step_linears, prefill_linears = linears_fn(ours, R), linears_fn(ours, sum(lens))
+            step_linears = linears_fn(ours, R, device, dtype)
+            prefill_linears = linears_fn(ours, sum(lens), device, dtype)
 
             def floor():
                 prefill_linears()
@@ -261,7 +226,7 @@ if device.type == "cuda":
     mean_len = len(one[0]) + (short + long) / 2
     kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize * mean_len
     achieved = (param_bytes + kv_bytes) / t_tok
-    name = device_name()
+    name = device_name(device)
     peak = next((bw for key, bw in PEAK_BANDWIDTH if key in name), None)
     x = torch.empty(2**30, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
@@ -278,7 +243,7 @@ if device.type == "cuda":
         print(line)
 
 # ---- the results file -----------------------------------------------------------------------------------------
-name = device_name()
+name = device_name(device)
 threads = torch.get_num_threads() if device.type == "cpu" else None
 lines = [
     f"# Sampler throughput on {name}",

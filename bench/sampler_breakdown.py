@@ -18,7 +18,6 @@ The fixed cost of a step is the same generate over one prompt and one sample: wh
 import argparse
 import datetime
 import functools
-import platform
 import statistics
 import sys
 import time
@@ -26,10 +25,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from sampler_models import BASE_MODEL, CONFIGS, device_name, linears_fn  # noqa: E402
 
 import minisirev.model as model_py  # noqa: E402
 import minisirev.sampler as sampler_py  # noqa: E402
@@ -37,14 +37,8 @@ from minisirev.checkpoint import load_model  # noqa: E402
 from minisirev.config import ModelConfig  # noqa: E402
 from minisirev.model import Transformer  # noqa: E402
 
-CONFIGS = {  # the same models as bench/sampler.py's base and 10m
-    "base": None,
-    "10m": dict(vocab_size=398, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=512,
-                tie_embeddings=True, bos_id=1, eos_id=2, pad_id=0),
-}
-
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--config", default="base", choices=list(CONFIGS),
+parser.add_argument("--config", default="base", choices=["base", "10m"],
                     help="base = data/base_model's weights; 10m = a random ~10M-parameter Llama")
 parser.add_argument("--prompts", type=int, default=32, help="prompts (18-62 tokens, random ids, seed 0)")
 parser.add_argument("--n", type=int, default=8, help="samples per prompt: rows = prompts x n")
@@ -59,7 +53,7 @@ if min(args.prompts, args.n, args.repeats, args.threads) < 1 or args.max_new_tok
 torch.set_num_threads(args.threads)
 
 if CONFIGS[args.config] is None:
-    model = load_model(ROOT / "data" / "base_model")
+    model = load_model(BASE_MODEL)
 else:
     model = Transformer(ModelConfig(**CONFIGS[args.config])).init_weights(seed=0)
 model = model.eval()
@@ -77,29 +71,17 @@ def wall(fn) -> float:
     return time.perf_counter() - t
 
 
-def linears(rows: int):
-    """Every linear layer of the model once on `rows` rows of random input: one step of the floor."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.output_weight]
-    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
-
-    def run():
-        with torch.no_grad():
-            for w in weights:
-                F.linear(xs[w.shape[1]], w)
-    return run
-
-
 # ---- the untimed call, the floor, the fixed cost of a step ----------------------------------------------------
 sampler_py.generate(model, prompts, **kw)  # warm-up
 plain = statistics.median(wall(lambda: sampler_py.generate(model, prompts, **kw)) for _ in range(args.repeats))
-step, prefill = linears(args.prompts * args.n), linears(sum(lens))
+step, prefill = linears_fn(model, args.prompts * args.n), linears_fn(model, sum(lens))
 step(), prefill()
 floor = statistics.median(wall(lambda: [prefill()] + [step() for _ in range(args.max_new_tokens)])
                           for _ in range(args.repeats))
 one = dict(kw, n=1, max_new_tokens=64, max_batch_rows=1)
 sampler_py.generate(model, prompts[:1], **one)
 fixed = statistics.median(wall(lambda: sampler_py.generate(model, prompts[:1], **one)) for _ in range(5)) / 64
-step1 = linears(1)
+step1 = linears_fn(model, 1)
 fixed_floor = statistics.median(wall(lambda: [step1() for _ in range(64)]) for _ in range(5)) / 64
 
 # ---- the timed call -------------------------------------------------------------------------------------------
@@ -158,8 +140,7 @@ finally:
 # ---- the table ------------------------------------------------------------------------------------------------
 R, M = args.prompts * args.n, args.max_new_tokens
 steps = M - 1  # the first token of every row is drawn from its prompt's logits
-cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "cpu"
+cpu = device_name(torch.device("cpu"))
 print(f"# Where generate's time goes: `{args.config}` ({model.num_params() / 1e6:.2f}M parameters), "
       f"{args.prompts} prompts x {args.n} = {R} rows, {M} new tokens, {'sampled' if args.sampled else 'greedy'}\n")
 print(f"`python bench/sampler_breakdown.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + f" on {cpu}, "

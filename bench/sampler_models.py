@@ -1,0 +1,51 @@
+"""What bench/sampler.py and bench/sampler_breakdown.py share: the benchmark models, the matmul floor's linear
+layers, and the name of the device."""
+
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minisirev.config import ModelConfig
+from minisirev.model import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_MODEL = ROOT / "data" / "base_model"
+CONFIGS = {
+    # the shipped default model (its trained weights: realistic next-token distributions for top-p)
+    "base": None,
+    # a ~10M-parameter Llama with the default's tokenizer, random weights (init std 0.02: near-flat distributions)
+    "10m": dict(vocab_size=398, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=512,
+                tie_embeddings=True, bos_id=1, eos_id=2, pad_id=0),
+    "tiny": dict(ModelConfig.from_preset("tiny").to_dict()),
+    # a Llama-shaped ~1.2B model: big enough that batch-1 decode on a GPU is bound by memory bandwidth
+    "llama-1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
+                     max_seq_len=4096, bos_id=1, eos_id=2),
+}
+
+
+def linears_fn(model: Transformer, tokens: int, device=None, dtype=torch.float32):
+    """A function running every linear layer of `model` once on `tokens` rows of random input (one step of the
+    matmul floor): every projection of every layer plus the output projection, F.linear on the same weights."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.output_weight]
+    xs = {w.shape[1]: torch.randn(tokens, w.shape[1], device=device, dtype=dtype) for w in weights}
+
+    def run():
+        with torch.no_grad():
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+    return run
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
