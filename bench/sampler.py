@@ -41,11 +41,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sampler_models import BASE_MODEL, CONFIGS, device_name, linears_fn  # noqa: E402
+from sampler_models import BASE_MODEL, CONFIGS, linears_fn  # noqa: E402
 
 from minisirev.checkpoint import load_model, save_model  # noqa: E402
 from minisirev.config import ModelConfig  # noqa: E402
 from minisirev.model import Transformer  # noqa: E402
+from minisirev.provenance import device_name  # noqa: E402
 from minisirev.sampler import generate  # noqa: E402
 
 # datasheet HBM bandwidth, bytes/s, matched against torch.cuda.get_device_name()

@@ -29,13 +29,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sampler_models import BASE_MODEL, CONFIGS, device_name, linears_fn  # noqa: E402
+from sampler_models import BASE_MODEL, CONFIGS, linears_fn  # noqa: E402
 
 import minisirev.model as model_py  # noqa: E402
 import minisirev.sampler as sampler_py  # noqa: E402
 from minisirev.checkpoint import load_model  # noqa: E402
 from minisirev.config import ModelConfig  # noqa: E402
 from minisirev.model import Transformer  # noqa: E402
+from minisirev.provenance import device_name  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--config", default="base", choices=["base", "10m"],

@@ -1,7 +1,6 @@
-"""What bench/sampler.py and bench/sampler_breakdown.py share: the benchmark models, the matmul floor's linear
-layers, and the name of the device."""
+"""What bench/sampler.py and bench/sampler_breakdown.py share: the benchmark models and the matmul floor's linear
+layers. (The device's name comes from minisirev.provenance.device_name, as in a run's provenance.)"""
 
-import platform
 from pathlib import Path
 
 import torch
@@ -36,16 +35,3 @@ def linears_fn(model: Transformer, tokens: int, device=None, dtype=torch.float32
             for w in weights:
                 F.linear(xs[w.shape[1]], w)
     return run
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
