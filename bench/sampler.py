@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from sampler_models import BASE_MODEL, CONFIGS, linears_fn  # noqa: E402
 
+from kernels import decode_cpu  # noqa: E402
 from minisirev.checkpoint import load_model, save_model  # noqa: E402
 from minisirev.config import ModelConfig  # noqa: E402
 from minisirev.model import Transformer  # noqa: E402
@@ -198,7 +199,7 @@ def bench_config(name: str) -> tuple[list[list], str]:
     desc = (f"`{name}`: {ours.num_params() / 1e6:.2f}M parameters "
             f"({'data/base_model, trained' if CONFIGS[name] is None else 'random, init std 0.02'}), "
             f"{len(prompts)} prompts of {min(lens)}-{max(lens)} tokens; greedy agreement with HF {agree:.1%} "
-            f"of tokens")
+            f"of tokens; decode attention: {decode_cpu.path_for(ours)}")
     bench_config.last = (ours, cfg, prompts)
     return rows, desc
 
@@ -254,8 +255,8 @@ lines = [
     f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}"
     + (f" ({threads} threads, load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())})"
        if threads else ""),
-    f"{dtype}, our attention `{Transformer.default_attn(device) if args.attn is None else args.attn}`, HF attention "
-    f"`sdpa`; no EOS; sampled = temperature 1, top-p {args.top_p}, no top-k (both sides); median of "
+    f"{dtype}, our attention `{Transformer.default_attn(device) if args.attn is None else args.attn}` (prefill), "
+    f"HF attention `sdpa`; no EOS; sampled = temperature 1, top-p {args.top_p}, no top-k (both sides); median of "
     f"{args.repeats} alternating rounds after a warm-up, prefill included; ratios are medians of per-round ratios.",
     *[f"- {d}" for d in descs],
     "",

@@ -33,6 +33,7 @@ from sampler_models import BASE_MODEL, CONFIGS, linears_fn  # noqa: E402
 
 import minisirev.model as model_py  # noqa: E402
 import minisirev.sampler as sampler_py  # noqa: E402
+from kernels import decode_cpu  # noqa: E402
 from minisirev.checkpoint import load_model  # noqa: E402
 from minisirev.config import ModelConfig  # noqa: E402
 from minisirev.model import Transformer  # noqa: E402
@@ -117,7 +118,7 @@ PIECES = [  # (owner, attribute, piece)
     (model_py.Attention, "forward", "attention glue (views, reshapes)"),
     (model_py, "apply_rope", "RoPE"),
     (model_py.KVCache, "write", "cache writes"),
-    (model_py, "attention_shared", "decode attention (prompt + own keys)"),
+    (model_py.Attention, "_attend_shared", "decode attention (prompt + own keys)"),
     (model_py.Attention, "_attend_full", "prefill attention (SDPA)"),
     (model_py.MLP, "forward", "SiLU * up"),
     (sampler_py.Sampling, "pick", "sampling (argmax / top-p, draw)"),
@@ -147,6 +148,7 @@ print(f"# Where generate's time goes: `{args.config}` ({model.num_params() / 1e6
 print(f"`python bench/sampler_breakdown.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + f" on {cpu}, "
       f"{args.threads} threads, torch {torch.__version__}, "
       f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n")
+print(f"decode attention: {decode_cpu.path_for(model)}")
 print(f"generate: {plain:.3f} s without timers, {total:.3f} s with them ({R * M / plain:,.0f} tokens/s)")
 print(f"floor (linear layers alone, same rows): {floor:.3f} s = {floor / plain:.0%} of generate\n")
 print("| piece | calls | seconds | share | ms per decode step |")

@@ -90,9 +90,11 @@ def test_greedy_equals_full_forward_argmax(name, attn):
     assert any(len(w) < 12 for w in want) and any(len(w) == 12 for w in want)
 
 
+@pytest.mark.parametrize("attn", ["ref", "sdpa"])  # the decode attention: attention_shared, kernels/decode_cpu.c
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 10, 0.9)])
-def test_output_independent_of_batch_composition(model, temperature, top_k, top_p):
+def test_output_independent_of_batch_composition(temperature, top_k, top_p, attn):
     """Slots 1, 2, 4 or all; prompts reversed (with their keys); host checks every 1, 3, 8 or 9 steps: same output."""
+    model = make_model(attn=attn)
     prompts = make_prompts()
     kw = dict(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=3)
     want = generate(model, prompts, n=3, **kw)
@@ -105,9 +107,10 @@ def test_output_independent_of_batch_composition(model, temperature, top_k, top_
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 10, 0.8)])
+@pytest.mark.parametrize("attn", ["ref", "sdpa"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_logprobs_equal_full_rescore(name, temperature, top_k, top_p):
-    model = make_model(name)
+def test_logprobs_equal_full_rescore(name, temperature, top_k, top_p, attn):
+    model = make_model(name, attn)
     prompts = make_prompts()
     outs, lps = generate(model, prompts, n=2, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p,
                          stop_ids=(), max_batch_rows=4, return_logprobs=True)
