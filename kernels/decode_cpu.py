@@ -11,8 +11,8 @@ the compiler and the CPU's flags, so a later process loads it in milliseconds an
 different CPUs never runs code built for another. Compiling takes about half a second.
 
 Where no compiler works, or MINISIREV_CPU_KERNELS=0, library() is None, generate warns once and the decode runs
-model.attention_shared's matmuls instead (the same numbers up to float rounding, 1.1-1.2x slower sampling; see
-bench/results/sampler_breakdown_AMD_EPYC.md).
+model.attention_shared's matmuls instead (the same numbers up to float rounding; sampling 1.0-1.3x slower on the
+2-core CPU, see docs/kernels.md)
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ position: a row attends over its prompt slot's keys and its own (attention_share
 rows sharing a prompt read its keys once, as one block of queries (with n = 8..64 samples of an 80-token prompt, a
 step reads the prompt's keys once instead of n times; explicit matmuls rather than a masked SDPA call, which on a
 CPU was 1.4-3x slower at these sizes; on a CPU with the sdpa backend kernels/decode_cpu.c does the same in one C
-pass per row and KV head, 1.1-1.3x faster end to end). Every `sync_every` steps the host reads the finished flags
+pass per row and KV head, 1.0-1.3x faster end to end). Every `sync_every` steps the host reads the finished flags
 (the one host synchronisation; stopping needs it), harvests finished rows, frees the prompt slot of a prompt
 whose last sample finished, and refills free row slots. A row that finishes between two checks stays frozen
 (its position and token do not advance) until harvested, so at most sync_every - 1 steps of its slot are wasted;
