@@ -1,19 +1,27 @@
-/* Decode attention over the sampler's PrefixCache on a CPU, fp32: the fused twin of model.attention_shared.
+/* The sampler's decode step on a CPU, fp32: everything between its matmuls (kernels/decode_cpu.py's Decoder runs
+   torch's matmuls and calls these between them), the fused twin of the model's layers over a PrefixCache.
 
-   One token per row b; its G query heads per KV head h attend over the row's prompt keys (prompt slot prompt[b],
-   positions 0 .. plen[b] - 1) and its own generated keys (row b, index i = position plen[b] + i, i <= pos[b] -
-   plen[b]), one softmax over both, optionally only the keys less than `window` positions back. Each (row, KV head)
-   is one task: its scores for all G queries go to a scratch line, then softmax, then the weighted sum of values,
-   with the next task's own keys prefetched meanwhile (they come from DRAM: a 256-row cache is tens of MB).
+   decode_layer_attention  one layer's attention from its q|k|v projection: RoPE, the new key and value written to
+                           the row's own keys, attention over the row's prompt keys and own keys (model.py's
+                           apply_rope, KVCache.write and attention_shared)
+   rms_norm, silu_mul      RMSNorm; SwiGLU's silu(gate) * up
 
-   Why C: in eager PyTorch this is 2 x B x KVH tiny matrix products per layer and step (batched matmul pays a fixed
-   cost per matrix) plus a dozen copies to share the prompt's keys; here it is one pass over the keys per task.
-   G and D are compile-time constants (-DGROUP=.. -DHEAD_DIM=..; kernels/decode_cpu.py builds one library per pair) so that
-   the loops over D unroll and vectorise. The result of a row depends only on that row (no blocking across rows),
-   so a row's output does not depend on which rows share its batch.
+   Attention: one token per row b; its G query heads per KV head h attend over the row's prompt keys (prompt slot
+   prompt[b], positions 0 .. plen[b] - 1) and its own generated keys (row b, index i = position - plen[b], i <=
+   pos[b] - plen[b]), one softmax over both, optionally only the keys less than `window` positions back. Each
+   (row, KV head) is one task: its scores for all G queries go to a scratch line, then softmax, then the weighted
+   sum of values, with the next task's own keys prefetched meanwhile (they come from DRAM: a 256-row cache is tens
+   of MB).
 
-   Shapes (floats, strides in elements): q and out [B, KVH, G, D] contiguous; prompt keys/values of one layer at
-   pk + slot * ps + h * ph + j * D; own keys/values at rk + b * rs + h * rh + i * D. */
+   Why C: in eager PyTorch a decode step of a small model is hundreds of tensor operations of a few microseconds
+   each (the attention alone 2 x B x KVH tiny matrix products per layer, batched matmul paying a fixed cost per
+   matrix, plus a dozen copies to share the prompt's keys); here each layer is four calls between its matmuls.
+   G and D are compile-time constants (-DGROUP=.. -DHEAD_DIM=..; kernels/decode_cpu.py builds one library per
+   pair) so that the loops over D unroll and vectorise. Every function works row by row with a fixed order of
+   operations (no blocking across rows), so a row's result does not depend on which rows share its batch.
+
+   Shapes (floats, strides in elements): qkv [B, (KVH * G + 2 KVH) * D] and out [B, KVH, G, D] contiguous; prompt
+   keys/values of one layer at pk + slot * ps + h * ph + j * D; own keys/values at rk + b * rs + h * rh + i * D. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,13 +35,15 @@ enum { G = GROUP, D = HEAD_DIM };
 /* e^x for x <= 0 (a score minus the row's maximum): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor
    polynomial to r^7 (relative error below 2e-7, about one float ulp), 2^n from the exponent bits; 0 below -87. */
 static inline float exp_nonpositive(float x) {
-    if (x < -87.0f) return 0.0f;
-    float n = __builtin_floorf(x * 1.44269504f + 0.5f);
-    float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  /* ln2 in two parts: r exact to a few ulp */
+    const float y = x < -87.0f ? -87.0f : x;
+    float n = __builtin_floorf(y * 1.44269504f + 0.5f);
+    float r = (y - n * 0.693145752f) - n * 1.42860677e-6f;  /* ln2 in two parts: r exact to a few ulp */
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720
               + r * (1.0f / 5040)))))));
-    union { float f; int32_t i; } two_n = { .i = ((int32_t)n + 127) << 23 };
-    return p * two_n.f;
+    int32_t bits = ((int32_t)n + 127) << 23;  /* 2^n; a select and a memcpy rather than a branch and a union, */
+    float two_n;                              /* so that loops over it vectorise (with -fno-trapping-math) */
+    memcpy(&two_n, &bits, sizeof two_n);
+    return x < -87.0f ? 0.0f : p * two_n;
 }
 
 /* s[g * ld + j] = scale * q_g . k_j for keys j = 0 .. n-1 (k [n, D]); four keys at a time for independent sums */
@@ -83,60 +93,129 @@ static void values(const float *restrict p, int ld, const float *restrict v, int
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* One layer, all rows. window <= 0: no window. Returns 0, or 1 if a scratch line could not be allocated. */
-int decode_attention(const float *q, const float *pk, const float *pv, int64_t ps, int64_t ph,
-                     const float *rk, const float *rv, int64_t rs, int64_t rh,
-                     const int64_t *prompt, const int64_t *plen, const int64_t *pos,
-                     int64_t B, int64_t KVH, int64_t Tp, int64_t S, int64_t window, float scale, float *out,
-                     int threads) {
+/* One (row, KV head) task: the G queries qt [G, D] of row b against its prompt keys (slot prompt[b], positions
+   0 .. plen[b] - 1) and its own keys (index i = position - plen[b], i <= pos[b] - plen[b]), within the window
+   (window <= 0: none) -> out [G, D]. s: a scratch line of G * (Tp + S) floats. */
+static void attend_task(const float *restrict qt, const float *pk, const float *pv, int64_t ps, int64_t ph,
+                        const float *rk, const float *rv, int64_t rs, int64_t rh, int64_t b, int64_t h,
+                        int64_t slot, int64_t plen, int64_t pos, int64_t Tp, int64_t S, int64_t window, float scale,
+                        float *restrict s, float *restrict out) {
+    const int64_t ld = Tp + S;
+    /* the keys the row sees: prompt j in [p0, p1), own i in [r0, r1) */
+    int64_t p0 = 0, p1 = min64(plen, Tp), r0 = 0, r1 = min64(pos - plen + 1, S);
+    if (window > 0) {
+        const int64_t first = pos - window + 1;  /* the oldest position still in the window */
+        p0 = min64(max64(first, 0), p1);
+        r0 = min64(max64(first - plen, 0), r1);
+    }
+    const int64_t np = p1 - p0, nr = r1 - r0, n = np + nr;
+    const float *kp = pk + slot * ps + h * ph + p0 * D, *vp = pv + slot * ps + h * ph + p0 * D;
+    const float *kr = rk + b * rs + h * rh + r0 * D, *vr = rv + b * rs + h * rh + r0 * D;
+    scores(qt, kp, (int)np, scale, s, (int)ld);
+    scores(qt, kr, (int)nr, scale, s + np, (int)ld);
+    for (int g = 0; g < G; g++) {  /* softmax over the n scores of query g */
+        float *sg = s + g * ld, top = sg[0], total = 0.0f;
+        for (int64_t j = 1; j < n; j++) top = sg[j] > top ? sg[j] : top;
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < n; j++) {
+            sg[j] = exp_nonpositive(sg[j] - top);
+            total += sg[j];
+        }
+        const float inv = 1.0f / total;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) sg[j] *= inv;
+    }
+    float acc[G * D];
+    memset(acc, 0, sizeof acc);
+    values(s, (int)ld, vp, (int)np, acc);
+    values(s + np, (int)ld, vr, (int)nr, acc);
+    memcpy(out, acc, sizeof acc);
+}
+
+/* Start reading the own keys and values of task t (row b, KV head h) up to index r1 (they come from DRAM). */
+static void prefetch_task(const float *rk, const float *rv, int64_t rs, int64_t rh, int64_t b, int64_t h,
+                          int64_t r1) {
+    const float *k1 = rk + b * rs + h * rh, *v1 = rv + b * rs + h * rh;
+    for (int64_t x = 0; x < r1 * D; x += 16) {
+        __builtin_prefetch(k1 + x);
+        __builtin_prefetch(v1 + x);
+    }
+}
+
+/* ---- the rest of a decode step (kernels/decode_cpu.py's Decoder calls these between torch's matmuls) ---- */
+
+/* out[b] = w * x[b] / sqrt(mean(x[b]^2) + eps) for rows b < B of C floats (RMSNorm, fp32) */
+void rms_norm(const float *x, const float *w, int64_t B, int64_t C, float eps, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (B * C >= 65536)
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * C;
+        float *ob = out + b * C, sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t c = 0; c < C; c++) sq += xb[c] * xb[c];
+        const float inv = 1.0f / sqrtf(sq / (float)C + eps);
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) ob[c] = w[c] * (xb[c] * inv);
+    }
+}
+
+/* h [B, 2F], each row gate (F floats) then up (F floats) -> out [B, F] = silu(gate) * up (SwiGLU) */
+void silu_mul(const float *h, int64_t B, int64_t F, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (B * F >= 32768)
+    for (int64_t b = 0; b < B; b++) {
+        const float *gate = h + b * 2 * F, *up = gate + F;
+        float *ob = out + b * F;
+#pragma omp simd
+        for (int64_t f = 0; f < F; f++) {  /* sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) below; e = e^-|x| */
+            const float x = gate[f], e = exp_nonpositive(-fabsf(x));
+            ob[f] = x * ((x >= 0.0f ? 1.0f : e) / (1.0f + e)) * up[f];
+        }
+    }
+}
+
+/* x [D] (one head) rotated in place by RoPE at table row c, s [D / 2] (rotate-half pairs i, i + D/2) */
+static inline void rope(float *restrict x, const float *restrict c, const float *restrict s) {
+    for (int i = 0; i < D / 2; i++) {
+        const float x1 = x[i], x2 = x[i + D / 2];
+        x[i] = x1 * c[i] - x2 * s[i];
+        x[i + D / 2] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+/* One layer's attention from its fused projection: qkv [B, (KVH * G + 2 KVH) * D] (q heads, k heads, v heads)
+   -> out [B, KVH * G * D]. For each row and KV head: RoPE at position pos[b] on the G query heads and the key
+   (cos, sin tables [positions, D / 2]), the key and value written to the row's own keys at index pos[b] - plen[b],
+   then attend_task. Rows with pos[b] = plen[b] = 0 (idle) write index 0 and attend to their own key. Returns 0, or
+   1 if a scratch line could not be allocated. */
+int decode_layer_attention(const float *qkv, const float *cos, const float *sin,
+                           const float *pk, const float *pv, int64_t ps, int64_t ph,
+                           float *rk, float *rv, int64_t rs, int64_t rh,
+                           const int64_t *prompt, const int64_t *plen, const int64_t *pos,
+                           int64_t B, int64_t KVH, int64_t Tp, int64_t S, int64_t window, float scale, float *out,
+                           int threads) {
     int failed = 0;
-    const int64_t tasks = B * KVH, ld = Tp + S;
+    const int64_t tasks = B * KVH, width = (KVH * G + 2 * KVH) * D;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *s = malloc(sizeof(float) * G * ld);  /* this thread's scores, then probabilities */
+        float *s = malloc(sizeof(float) * G * (Tp + S));
         if (s == NULL) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             if (s == NULL) continue;
-            const int64_t b = t / KVH, h = t % KVH;
-            /* the keys the row sees: prompt j in [p0, p1), own i in [r0, r1) */
-            int64_t p0 = 0, p1 = min64(plen[b], Tp), r0 = 0, r1 = min64(pos[b] - plen[b] + 1, S);
-            if (window > 0) {
-                const int64_t first = pos[b] - window + 1;  /* the oldest position still in the window */
-                p0 = min64(max64(first, 0), p1);
-                r0 = min64(max64(first - plen[b], 0), r1);
+            const int64_t b = t / KVH, h = t % KVH, i = pos[b] - plen[b];
+            if (t + 1 < tasks) {
+                const int64_t b1 = (t + 1) / KVH;
+                prefetch_task(rk, rv, rs, rh, b1, (t + 1) % KVH, min64(pos[b1] - plen[b1] + 1, S));
             }
-            const int64_t np = p1 - p0, nr = r1 - r0, n = np + nr;
-            const float *qt = q + t * G * D;
-            const float *kp = pk + prompt[b] * ps + h * ph + p0 * D, *vp = pv + prompt[b] * ps + h * ph + p0 * D;
-            const float *kr = rk + b * rs + h * rh + r0 * D, *vr = rv + b * rs + h * rh + r0 * D;
-            if (t + 1 < tasks) {  /* the next task's own keys and values: start reading them now */
-                const int64_t b1 = (t + 1) / KVH, h1 = (t + 1) % KVH;
-                const float *k1 = rk + b1 * rs + h1 * rh, *v1 = rv + b1 * rs + h1 * rh;
-                for (int64_t x = 0; x < r1 * D; x += 16) {
-                    __builtin_prefetch(k1 + x);
-                    __builtin_prefetch(v1 + x);
-                }
-            }
-            scores(qt, kp, (int)np, scale, s, (int)ld);
-            scores(qt, kr, (int)nr, scale, s + np, (int)ld);
-            for (int g = 0; g < G; g++) {  /* softmax over the n scores of query g */
-                float *sg = s + g * ld, top = sg[0], total = 0.0f;
-                for (int64_t j = 1; j < n; j++) top = sg[j] > top ? sg[j] : top;
-#pragma omp simd reduction(+ : total)
-                for (int64_t j = 0; j < n; j++) {
-                    sg[j] = exp_nonpositive(sg[j] - top);
-                    total += sg[j];
-                }
-                const float inv = 1.0f / total;
-#pragma omp simd
-                for (int64_t j = 0; j < n; j++) sg[j] *= inv;
-            }
-            float acc[G * D];
-            memset(acc, 0, sizeof acc);
-            values(s, (int)ld, vp, (int)np, acc);
-            values(s + np, (int)ld, vr, (int)nr, acc);
-            memcpy(out + t * G * D, acc, sizeof acc);
+            const float *row = qkv + b * width, *c = cos + pos[b] * (D / 2), *sn = sin + pos[b] * (D / 2);
+            float qt[G * D];
+            memcpy(qt, row + h * G * D, sizeof qt);
+            for (int g = 0; g < G; g++) rope(qt + g * D, c, sn);
+            float *k = rk + b * rs + h * rh + i * D;
+            memcpy(k, row + (KVH * G + h) * D, sizeof(float) * D);
+            rope(k, c, sn);
+            memcpy(rv + b * rs + h * rh + i * D, row + (KVH * G + KVH + h) * D, sizeof(float) * D);
+            attend_task(qt, pk, pv, ps, ph, rk, rv, rs, rh, b, h, prompt[b], plen[b], pos[b], Tp, S, window, scale,
+                        s, out + t * G * D);
         }
         free(s);
     }

@@ -1,24 +1,34 @@
-"""The sampler's decode attention on a CPU: kernels/decode_cpu.c, built on first use and called through ctypes.
+"""The sampler's decode step on a CPU: torch's matmuls with kernels/decode_cpu.c between them, through ctypes.
 
-    decode_attention(q, cache, layer, at, scale, window)  model.attention_shared's result, one C call per layer
-    library(G, D)      the compiled kernel for G query heads per KV head and head dim D, or None (see why)
+    Decoder(model)     generate's decode step for `model` (sampler.decode_step's logits, up to float rounding):
+                       per layer RMSNorm (C), the q|k|v matmul, RoPE + cache write + attention (C), the output
+                       projection added in place to the residual, RMSNorm (C), the gate|up matmul, SiLU * up (C),
+                       the down projection added in place: 4 C calls and 4 matmuls per layer
+    usable(model)      whether generate decodes `model` with a Decoder: a CPU, fp32, attn "sdpa", the library built
+    layer_attention, rms_norm, silu_mul   the C functions on tensors (what the Decoder calls; tests use them)
+    library(G, D)      the compiled library for G query heads per KV head and head dim D, or None (see why)
     why(G, D)          the reason library(G, D) is None ("" when it is not)
+
+The Decoder holds a copy of each layer's q, k, v weights concatenated (and gate, up): one matmul each instead of
+three and two. It is built once per generate call (the weights cannot change during one).
 
 The C source is compiled with the system's C compiler ($CC, else cc, gcc or clang) once per (G, D) and per machine:
 `-O3 -march=native -fopenmp`, falling back to fewer flags where one is refused (no OpenMP: one thread). The shared
 library goes to $MINISIREV_CACHE/kernels (default ~/.cache/minisirev/kernels) under a name that hashes the source,
 the compiler and the CPU's flags, so a later process loads it in milliseconds and a home directory shared between
-different CPUs never runs code built for another. Compiling takes about half a second.
+different CPUs never runs code built for another. Compiling takes about half a second. With torch's own OpenMP
+runtime already loaded (libgomp.so.1 in torch's wheel), the library binds to it: one thread pool for both.
 
-Where no compiler works, or MINISIREV_CPU_KERNELS=0, library() is None, generate warns once and the decode runs
-model.attention_shared's matmuls instead (the same numbers up to float rounding; sampling 1.0-1.3x slower on the
-2-core CPU, see docs/kernels.md)
+Where no compiler works, or MINISIREV_CPU_KERNELS=0, library() is None, generate warns once (not when switched off)
+and decodes with the model's own layers (model.attention_shared's matmuls; the same numbers up to float rounding,
+slower: see docs/kernels.md).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -29,13 +39,15 @@ from pathlib import Path
 
 import torch
 
+from minisirev.model import rope_tables
+
 SOURCE = Path(__file__).with_name("decode_cpu.c")
 FLAG_SETS = (  # tried in order: the first that compiles is used
-    ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
-    ["-O3", "-march=native", "-fno-math-errno"],  # a compiler without OpenMP (e.g. Apple clang): one thread
-    ["-O3", "-fno-math-errno"],
+    ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"],  # no OpenMP (e.g. Apple clang): one thread
+    ["-O3", "-fno-math-errno", "-fno-trapping-math"],
 )
-_LIBS: dict[tuple[int, int], ctypes._CFuncPtr | None] = {}
+_LIBS: dict[tuple[int, int], ctypes.CDLL | None] = {}
 _WHY: dict[tuple[int, int], str] = {}
 _WARNED: list[bool] = []
 
@@ -90,24 +102,28 @@ def _build(G: int, D: int) -> Path:
     raise RuntimeError(f"{Path(cc).name} could not compile {SOURCE.name}: {errors[-1]}")
 
 
-def library(G: int, D: int):
-    """The C decode attention for (G, D) as a ctypes function, built or loaded once per process; None when it
+def library(G: int, D: int) -> ctypes.CDLL | None:
+    """The C library for (G, D) with its functions' signatures set, built or loaded once per process; None when it
     cannot be had (why(G, D) says why)."""
     if (G, D) not in _LIBS:
-        fn = None
+        lib = None
         if os.environ.get("MINISIREV_CPU_KERNELS", "1") == "0":
             _WHY[G, D] = "switched off by MINISIREV_CPU_KERNELS=0"
         else:
             try:
-                fn = ctypes.CDLL(str(_build(G, D))).decode_attention
+                lib = ctypes.CDLL(str(_build(G, D)))
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _WHY[G, D] = str(e)
             else:
-                p, i64 = ctypes.c_void_p, ctypes.c_int64
-                fn.argtypes = [p, p, p, i64, i64, p, p, i64, i64, p, p, p, i64, i64, i64, i64, i64,
-                               ctypes.c_float, p, ctypes.c_int]
-                fn.restype = ctypes.c_int
-        _LIBS[G, D] = fn
+                p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+                lib.decode_layer_attention.argtypes = [p, p, p, p, p, i64, i64, p, p, i64, i64, p, p, p,
+                                                       i64, i64, i64, i64, i64, f32, p, i32]
+                lib.decode_layer_attention.restype = i32
+                lib.rms_norm.argtypes = [p, p, i64, i64, f32, p, i32]
+                lib.rms_norm.restype = None
+                lib.silu_mul.argtypes = [p, i64, i64, p, i32]
+                lib.silu_mul.restype = None
+        _LIBS[G, D] = lib
     return _LIBS[G, D]
 
 
@@ -116,46 +132,180 @@ def why(G: int, D: int) -> str:
 
 
 def warn_if_missing(G: int, D: int):
-    """One warning per process when the kernel was wanted but cannot be built (not when switched off)."""
+    """One warning per process when the library was wanted but cannot be built (not when switched off)."""
     if library(G, D) is None and not _WARNED and "MINISIREV_CPU_KERNELS" not in why(G, D):
         _WARNED.append(True)
-        warnings.warn(f"minisirev: the C decode attention is unavailable ({why(G, D)}); decoding with torch "
-                      "matmuls (slower)", stacklevel=3)
+        warnings.warn(f"minisirev: the C decode step is unavailable ({why(G, D)}); decoding with the model's torch "
+                      "layers (slower)", stacklevel=3)
 
 
-def decode_attention(q: torch.Tensor, cache, layer: int, at, scale: float, window: int | None) -> torch.Tensor:
-    """q [B, H, 1, D] fp32 on the CPU -> [B, H, 1, D]: model.attention_shared(q, cache, layer, at, scale) computed
-    by the C kernel (which must be available: library(G, D) not None). The window, if any, is the model's
-    sliding_window (at.bias already holds it for the matmul path)."""
-    B, H, _, D = q.shape
-    sh = at.sharing
-    pk, pv = cache.prompts.k[layer], cache.prompts.v[layer]  # P_slots, KVH, Tp_max, D
-    rk, rv = cache.rows.k[layer], cache.rows.v[layer]  # R, KVH, M, D
-    KVH = rk.shape[1]
-    for t in (pk, pv, rk, rv):
-        if t.dtype != torch.float32 or (t.stride(-1), t.stride(-2), t.stride(0)) != (1, D, t.shape[1] * t.stride(1)):
-            raise ValueError("decode_cpu wants fp32 caches with [slot, KVH, position, D] strides")
-    q = q.contiguous()
-    idx = [t.contiguous() for t in (sh.prompt[:B], sh.prompt_len[:B], at.pos[:B])]
-    if any(t.dtype != torch.long for t in idx):
-        raise ValueError("decode_cpu wants int64 prompt slots, prompt lengths and positions")
-    out = torch.empty_like(q)
-    failed = library(H // KVH, D)(
-        q.data_ptr(), pk.data_ptr(), pv.data_ptr(), pk.stride(0), pk.stride(1),
-        rk.data_ptr(), rv.data_ptr(), rk.stride(0), rk.stride(1),
-        *(t.data_ptr() for t in idx), B, KVH, sh.prompt_keys, at.kv_len, window or 0, scale, out.data_ptr(),
-        torch.get_num_threads())
-    if failed:
-        raise MemoryError("decode_cpu: no memory for the attention scratch lines")
-    return out
+def _group(model) -> tuple[int, int]:
+    cfg = model.config
+    return cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+
+
+def usable(model) -> bool:
+    """Whether generate decodes `model` with a Decoder: attn "sdpa" ("ref" keeps the model's own layers, the
+    teaching path), on a CPU, in fp32, and the library built for its shape (if not, one warning)."""
+    w = model.embed_tokens.weight
+    if model.attn != "sdpa" or w.device.type != "cpu" or w.dtype != torch.float32:
+        return False
+    if library(*_group(model)) is None:
+        warn_if_missing(*_group(model))
+        return False
+    return True
 
 
 def path_for(model) -> str:
-    """Which decode attention generate runs for `model` (for benchmark tables): this kernel or the matmuls."""
-    cfg, w = model.config, model.embed_tokens.weight
-    G = cfg.n_heads // cfg.n_kv_heads
-    if model.attn != "sdpa" or w.device.type != "cpu" or w.dtype != torch.float32:
-        return "`attention_shared` matmuls"
-    if library(G, cfg.head_dim) is None:
-        return f"`attention_shared` matmuls (kernels/decode_cpu.c unavailable: {why(G, cfg.head_dim)})"
-    return "kernels/decode_cpu.c"
+    """Which decode step generate runs for `model` (for benchmark tables)."""
+    if usable(model):
+        return "kernels/decode_cpu.c between torch matmuls (decode_cpu.Decoder)"
+    reason = why(*_group(model))
+    return "the model's torch layers" + (f" (kernels/decode_cpu.c unavailable: {reason})" if reason else "")
+
+
+# ---- the C functions on tensors -------------------------------------------------------------------------------
+
+def _check_cache(cache):
+    """The layout the C code indexes: fp32 caches [L, slots, KVH, positions, D], contiguous."""
+    for t in (cache.prompts.k, cache.prompts.v, cache.rows.k, cache.rows.v):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError("decode_cpu wants contiguous fp32 CPU caches [L, slots, KVH, positions, D]")
+
+
+def _long(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype != torch.long or not t.is_contiguous():
+        raise ValueError("decode_cpu wants contiguous int64 positions, prompt slots and prompt lengths")
+    return t
+
+
+def layer_attention(qkv: torch.Tensor, cache, layer: int, pos: torch.Tensor, sharing, kv_len: int,
+                    cos: torch.Tensor, sin: torch.Tensor, scale: float, window: int | None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv [B, (H + 2 KVH) D] (q, k, v projections of one token per row, before RoPE) -> attention output
+    [B, H * D]; writes the rotated key and the value of row b at its own-key index pos[b] - prompt_len[b] of
+    `layer`. The same as model.py's apply_rope, PrefixCache write and attention_shared (rows 0 .. B-1 of the cache;
+    sharing's prompt slots, prompt lengths and prompt_keys; own keys 0 .. kv_len - 1). cos, sin: rope_tables
+    [positions, D/2]."""
+    B = qkv.shape[0]
+    rk = cache.rows.k[layer]
+    KVH, D = rk.shape[1], rk.shape[-1]
+    G = (qkv.shape[1] // D - 2 * KVH) // KVH
+    _check_cache(cache)
+    if qkv.dtype != torch.float32 or not qkv.is_contiguous() or qkv.shape[1] != (G + 2) * KVH * D:
+        raise ValueError(f"decode_cpu wants a contiguous fp32 qkv [B, (H + 2 KVH) D], got {tuple(qkv.shape)}")
+    out = torch.empty(B, G * KVH * D) if out is None else out
+    idx = [_long(t[:B]) for t in (sharing.prompt, sharing.prompt_len, pos)]
+    _attend(library(G, D), qkv, cos, sin, _layer_ptrs(cache, layer), idx, KVH, sharing.prompt_keys, kv_len,
+            window, scale, out)
+    return out
+
+
+def _layer_ptrs(cache, layer: int) -> tuple[int, ...]:
+    pk, pv, rk, rv = (t[layer] for t in (cache.prompts.k, cache.prompts.v, cache.rows.k, cache.rows.v))
+    return pk.data_ptr(), pv.data_ptr(), pk.stride(0), pk.stride(1), rk.data_ptr(), rv.data_ptr(), rk.stride(0), \
+        rk.stride(1)
+
+
+def _attend(lib, qkv, cos, sin, ptrs, idx, KVH, Tp, S, window, scale, out):
+    failed = lib.decode_layer_attention(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), *ptrs,
+                                        *(t.data_ptr() for t in idx), qkv.shape[0], KVH, Tp, S, window or 0, scale,
+                                        out.data_ptr(), torch.get_num_threads())
+    if failed:
+        raise MemoryError("decode_cpu: no memory for the attention scratch lines")
+
+
+def _any_library() -> ctypes.CDLL:
+    """A built library (rms_norm and silu_mul do not depend on G and D)."""
+    lib = next((lib for lib in _LIBS.values() if lib is not None), None) or library(1, 8)
+    if lib is None:
+        raise RuntimeError(f"decode_cpu: no library: {why(1, 8)}")
+    return lib
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, C] fp32 contiguous -> weight * x / sqrt(mean(x^2) + eps) (model.RMSNorm)."""
+    out = torch.empty_like(x) if out is None else out
+    lib = _any_library()
+    lib.rms_norm(x.data_ptr(), weight.data_ptr(), x.shape[0], x.shape[1], eps, out.data_ptr(),
+                 torch.get_num_threads())
+    return out
+
+
+def silu_mul(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h [B, 2F] fp32 contiguous (gate, then up) -> silu(gate) * up [B, F] (model.MLP's product)."""
+    B, F2 = h.shape
+    out = h.new_empty(B, F2 // 2) if out is None else out
+    lib = _any_library()
+    lib.silu_mul(h.data_ptr(), B, F2 // 2, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+# ---- the decode step ------------------------------------------------------------------------------------------
+
+class Decoder:
+    """generate's decode step on a CPU, called as sampler.decode_step is: (model, cache, tokens [B], pos [B],
+    kv_len, sharing) -> logits [B, V]. Rows 0 .. B-1 of the PrefixCache; buffers are kept per B."""
+
+    def __init__(self, model):
+        cfg = model.config
+        self.G, self.D = _group(model)
+        self.lib = library(self.G, self.D)
+        if self.lib is None:
+            raise RuntimeError(f"decode_cpu: no library for G={self.G}, D={self.D}: {why(self.G, self.D)}")
+        self.KVH, self.C, self.F, self.eps = cfg.n_kv_heads, cfg.dim, cfg.ffn_dim, cfg.norm_eps
+        self.scale, self.window = 1.0 / math.sqrt(cfg.head_dim), cfg.sliding_window
+        self.max_seq_len = cfg.max_seq_len
+        w = lambda m: m.weight.detach()  # noqa: E731
+        self.layers = []
+        for block in model.layers:
+            a, mlp = block.self_attn, block.mlp
+            self.layers.append((
+                w(block.input_layernorm).contiguous(),
+                torch.cat([w(a.q_proj), w(a.k_proj), w(a.v_proj)]).t(),  # C, (H + 2 KVH) D
+                w(a.o_proj).t(),  # H D, C
+                w(block.post_attention_layernorm).contiguous(),
+                torch.cat([w(mlp.gate_proj), w(mlp.up_proj)]).t(),  # C, 2F
+                w(mlp.down_proj).t()))  # F, C
+        self.embed, self.norm = w(model.embed_tokens), w(model.norm).contiguous()
+        self.out = model.output_weight.detach().t()  # C, V
+        self.cache = None
+        self.buffers: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.config = cfg
+
+    def _bind(self, cache):
+        """A new cache: its per-layer pointers, and RoPE tables covering its positions."""
+        _check_cache(cache)
+        self.cache = cache
+        self.ptrs = [_layer_ptrs(cache, layer) for layer in range(len(self.layers))]
+        cos, sin = rope_tables(self.config, cache.prompts.max_len + cache.rows.max_len)
+        self.cos, self.sin = cos.contiguous(), sin.contiguous()
+
+    def _buffers(self, B: int) -> tuple[torch.Tensor, ...]:
+        if B not in self.buffers:
+            width = (self.G + 2) * self.KVH * self.D
+            self.buffers[B] = (torch.empty(B, self.C), torch.empty(B, self.C), torch.empty(B, width),
+                               torch.empty(B, self.G * self.KVH * self.D), torch.empty(B, 2 * self.F),
+                               torch.empty(B, self.F))
+        return self.buffers[B]
+
+    def __call__(self, model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int, sharing) -> torch.Tensor:
+        if cache is not self.cache:
+            self._bind(cache)
+        B = tokens.shape[0]
+        x, xn, qkv, y, h, a = self._buffers(B)
+        torch.index_select(self.embed, 0, tokens, out=x)
+        lib, threads, C, eps = self.lib, torch.get_num_threads(), self.C, self.eps
+        idx = [_long(t[:B]) for t in (sharing.prompt, sharing.prompt_len, pos)]
+        for (n1, wqkv, wo, n2, wgu, wd), ptrs in zip(self.layers, self.ptrs):
+            lib.rms_norm(x.data_ptr(), n1.data_ptr(), B, C, eps, xn.data_ptr(), threads)
+            torch.mm(xn, wqkv, out=qkv)
+            _attend(lib, qkv, self.cos, self.sin, ptrs, idx, self.KVH, sharing.prompt_keys, kv_len, self.window,
+                    self.scale, y)
+            x.addmm_(y, wo)  # x + attention's output projection, in the matmul
+            lib.rms_norm(x.data_ptr(), n2.data_ptr(), B, C, eps, xn.data_ptr(), threads)
+            torch.mm(xn, wgu, out=h)
+            lib.silu_mul(h.data_ptr(), B, self.F, a.data_ptr(), threads)
+            x.addmm_(a, wd)  # x + the MLP's down projection
+        lib.rms_norm(x.data_ptr(), self.norm.data_ptr(), B, C, eps, xn.data_ptr(), threads)
+        return xn @ self.out  # B, V

@@ -258,7 +258,7 @@ class Attention(nn.Module):
 
         if isinstance(cache, PrefixCache):  # sampler decode: the row's own keys after its shared prompt's
             cache.rows.write(self.layer_idx, at.write_index, k, v)
-            y = self._attend_shared(q, cache, at, backend)
+            y = attention_shared(q, cache, self.layer_idx, at, self.scale)
         elif at.pos is None:  # no cache, or a prefill from position 0: the T tokens see each other only
             if cache is not None:
                 cache.write(self.layer_idx, None, k, v)
@@ -270,17 +270,6 @@ class Attention(nn.Module):
             y = self._attend_cache(q, k, v, at, backend)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # B, T, H*D
         return self.o_proj(y)
-
-    def _attend_shared(self, q, cache: PrefixCache, at: Positions, backend):
-        """Decode against a PrefixCache: attention_shared, or on a CPU with the sdpa backend (fp32, no autograd)
-        its fused twin kernels/decode_cpu.c, one call per layer instead of a few dozen tensor operations."""
-        if backend == "sdpa" and q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled():
-            from kernels import decode_cpu
-            G = self.n_heads // self.n_kv_heads
-            if decode_cpu.library(G, self.head_dim) is not None:
-                return decode_cpu.decode_attention(q, cache, self.layer_idx, at, self.scale, self.window)
-            decode_cpu.warn_if_missing(G, self.head_dim)
-        return attention_shared(q, cache, self.layer_idx, at, self.scale)
 
     def _attend_full(self, q, k, v, backend, mask):
         """Self-attention over the T tokens of this call (training, scoring, prefill): causal (+ window)."""

@@ -295,6 +295,14 @@ def decode_step(model: Transformer, cache: PrefixCache, tokens: torch.Tensor, po
     return model(tokens[:, None], pos=pos, cache=cache, kv_len=kv_len, sharing=sharing)[:, 0]
 
 
+def plain_decode_step(model: Transformer) -> Callable:
+    """The uncompiled decode step for `model`: on a CPU in fp32 with the sdpa backend kernels/decode_cpu's Decoder
+    (decode_step's logits up to float rounding: torch's matmuls with four C calls per layer between them, built
+    once per generate call), elsewhere decode_step itself (and with attn "ref", the teaching path)."""
+    from kernels import decode_cpu
+    return decode_cpu.Decoder(model) if decode_cpu.usable(model) else decode_step
+
+
 _COMPILED: dict[str, Callable] = {}  # one compiled decode_step per mode, so its graphs outlive a generate call
 
 
@@ -603,7 +611,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     sampling = Sampling(temperature, top_k, top_p, max_new_tokens, torch.tensor(stop, dtype=torch.long, device=device),
                         return_logprobs)
     slots = Slots(model, prompts, keys, n, seed, sampling, int(rows), min(len(prompts), int(rows)), rows_len,
-                  step_fn=compiled_decode_step(device) if compile else decode_step, static=compile)
+                  step_fn=compiled_decode_step(device) if compile else plain_decode_step(model),
+                  static=compile)
     if compile and device.type == "cuda":
         for t in (slots.cache.prompts.k, slots.cache.prompts.v, slots.cache.rows.k, slots.cache.rows.v):
             torch._dynamo.mark_static_address(t)
@@ -620,7 +629,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
                 raise
             warnings.warn(f"generate: the compiled decode step failed ({type(e).__name__}: {e}); "
                           "decoding with the plain step", stacklevel=2)
-            slots.step_fn, slots.static = decode_step, False  # the steps done so far stand; harvest reads them
+            slots.step_fn, slots.static = plain_decode_step(model), False  # the steps so far stand; harvest reads them
         for p, j, toks, lps, m in slots.harvest():
             result[p][j] = toks
             if return_logprobs:

@@ -1,27 +1,42 @@
-"""kernels/decode_cpu.c against its PyTorch twin model.attention_shared: values on ragged prompts, idle rows, windows
-and GQA shapes; a row's result independent of the other rows; the build cache; the fallback when no compiler works
-(generate then gives the matmul path's tokens). The sampler's guarantees with the kernel in the decode are in
-tests/test_sampler.py (its tests run with attn="sdpa", which uses it, as well as "ref", which does not)."""
+"""kernels/decode_cpu.c against its PyTorch twins in model.py: the layer attention (RoPE, cache write,
+attention_shared) on ragged prompts, idle rows, windows and GQA shapes; RMSNorm and SiLU * up; the whole Decoder step
+against sampler.decode_step; a row's result independent of the other rows; the build cache; the fallback when no
+compiler works (generate then gives the torch path's tokens). The sampler's guarantees with the C step in the decode
+are in tests/test_sampler.py (its tests run with attn="sdpa", which uses it, as well as "ref", which does not)."""
 
+import copy
 import importlib
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kernels import decode_cpu
 from minisirev.config import ModelConfig
-from minisirev.model import Positions, PrefixCache, Sharing, Transformer, attention_shared
+from minisirev.model import (
+    Positions,
+    PrefixCache,
+    RMSNorm,
+    Sharing,
+    Transformer,
+    apply_rope,
+    attention_shared,
+    rope_tables,
+)
+from minisirev.sampler import decode_step
 
 needs_cc = pytest.mark.skipif(decode_cpu._compiler() is None, reason="no C compiler on this machine")
 
 
-def case(G, D, KVH=2, rows=13, slots=4, prompt_max=11, own_max=9, S=7, window=None, seed=0):
+def case(G, D, KVH=2, rows=13, slots=4, prompt_max=11, own_max=9, S=7, window=None, seed=0, config=None):
     """A PrefixCache with random keys, `rows` decode rows spread over `slots` prompts of ragged lengths, the last
-    row idle (prompt length 0, position 0); each row has generated between 0 and S - 1 tokens before this one."""
+    row idle (prompt length 0, position 0); each row has generated between 0 and S - 1 tokens before this one.
+    -> (qkv [rows, (G + 2) KVH D] for one token per row, the cache, the step's Positions, the model)."""
     g = torch.Generator().manual_seed(seed)
-    cfg = ModelConfig(vocab_size=32, dim=KVH * G * D, n_layers=2, n_heads=KVH * G, n_kv_heads=KVH, ffn_dim=32,
-                      max_seq_len=64, sliding_window=window, model_type="mistral" if window else "llama")
+    cfg = config or ModelConfig(vocab_size=32, dim=KVH * G * D, n_layers=2, n_heads=KVH * G, n_kv_heads=KVH,
+                                ffn_dim=32, max_seq_len=64, sliding_window=window,
+                                model_type="mistral" if window else "llama")
     cache = PrefixCache(cfg, slots, prompt_max, rows, own_max)
     for t in (cache.prompts.k, cache.prompts.v, cache.rows.k, cache.rows.v):
         t.copy_(torch.randn(t.shape, generator=g))
@@ -38,46 +53,104 @@ def case(G, D, KVH=2, rows=13, slots=4, prompt_max=11, own_max=9, S=7, window=No
                       int(slot_len.max()))
     model = Transformer(cfg)
     at = model.shared_positions(pos, cache, S, sharing)
-    q = torch.randn(rows, KVH * G, 1, D, generator=g)
-    return q, cache, at, model.layers[0].self_attn.scale
+    qkv = torch.randn(rows, (G + 2) * KVH * D, generator=g)
+    return qkv, cache, at, model
+
+
+def reference_layer(qkv, cache, layer, model, at):
+    """What the model's layers do with qkv in a decode step: RoPE, the cache write, attention_shared (on `cache`)."""
+    cfg = model.config
+    B, KVH, G, D = qkv.shape[0], cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    q, k, v = qkv.view(B, (G + 2) * KVH, 1, D).split([G * KVH, KVH, KVH], dim=1)
+    q, k = apply_rope(q, at.cos, at.sin), apply_rope(k, at.cos, at.sin)
+    cache.rows.write(layer, at.write_index, k, v)
+    return attention_shared(q, cache, layer, at, 1.0 / D**0.5).reshape(B, -1)
+
+
+def c_layer(qkv, cache, layer, model, at):
+    cos, sin = rope_tables(model.config, cache.prompts.max_len + cache.rows.max_len)
+    return decode_cpu.layer_attention(qkv, cache, layer, at.pos, at.sharing, at.kv_len, cos, sin,
+                                      1.0 / model.config.head_dim**0.5, model.config.sliding_window)
 
 
 @needs_cc
 @pytest.mark.parametrize("G, D, KVH", [(1, 16, 2), (2, 16, 2), (2, 32, 2), (3, 64, 2), (4, 128, 1), (1, 8, 4)])
 @pytest.mark.parametrize("window", [None, 3, 12])
-def test_kernel_equals_attention_shared(G, D, KVH, window):
+def test_layer_attention_equals_the_model(G, D, KVH, window):
+    """Outputs and the keys and values written (RoPE'd), against apply_rope + KVCache.write + attention_shared."""
     assert decode_cpu.library(G, D) is not None, decode_cpu.why(G, D)
     for seed in range(3):
-        q, cache, at, scale = case(G, D, KVH, window=window, seed=seed)
+        qkv, cache, at, model = case(G, D, KVH, window=window, seed=seed)
         for layer in (0, 1):
-            want = attention_shared(q, cache, layer, at, scale)
-            got = decode_cpu.decode_attention(q, cache, layer, at, scale, window)
+            mine = copy.deepcopy(cache)
+            want = reference_layer(qkv, cache, layer, model, at)
+            got = c_layer(qkv, mine, layer, model, at)
             torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+            torch.testing.assert_close(mine.rows.k, cache.rows.k, atol=1e-6, rtol=1e-6)
+            assert torch.equal(mine.rows.v, cache.rows.v) and torch.equal(mine.prompts.k, cache.prompts.k)
 
 
 @needs_cc
 def test_long_rows_and_many_threads():
     """Scores longer than a stack frame would hold, and more threads than rows."""
-    q, cache, at, scale = case(2, 64, rows=3, prompt_max=300, own_max=700, S=700)
+    qkv, cache, at, model = case(2, 64, rows=3, prompt_max=300, own_max=700, S=700)
+    mine = copy.deepcopy(cache)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(8)
-        got = decode_cpu.decode_attention(q, cache, 1, at, scale, None)
+        got = c_layer(qkv, mine, 1, model, at)
     finally:
         torch.set_num_threads(before)
-    torch.testing.assert_close(got, attention_shared(q, cache, 1, at, scale), atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(got, reference_layer(qkv, cache, 1, model, at), atol=2e-6, rtol=2e-5)
 
 
 @needs_cc
 def test_a_row_does_not_depend_on_the_other_rows():
     """Bit for bit: each (row, KV head) is one task with a fixed order of operations."""
-    q, cache, at, scale = case(2, 32, rows=12)
-    full = decode_cpu.decode_attention(q, cache, 0, at, scale, None)
+    qkv, cache, at, model = case(2, 32, rows=12)
+    full = c_layer(qkv, copy.deepcopy(cache), 0, model, at)
     sh = at.sharing
     for B in (1, 5):  # the first B rows alone, the rest of the cache unchanged
         sub = Sharing(sh.prompt[:B], sh.prompt_len[:B], sh.members, sh.member[:B], sh.prompt_keys)
         at_b = Positions(at.cos, at.sin, pos=at.pos[:B], kv_len=at.kv_len, sharing=sub)
-        assert torch.equal(decode_cpu.decode_attention(q[:B], cache, 0, at_b, scale, None), full[:B])
+        assert torch.equal(c_layer(qkv[:B].contiguous(), copy.deepcopy(cache), 0, model, at_b), full[:B])
+
+
+@needs_cc
+def test_rms_norm_and_silu_mul_equal_the_model():
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(48, eps=1e-5)
+    norm.weight.data = torch.randn(48, generator=g)
+    x = torch.randn(300, 48, generator=g) * 3
+    x[0] = 0.0  # an all-zero row: eps keeps it finite
+    torch.testing.assert_close(decode_cpu.rms_norm(x, norm.weight.detach(), 1e-5), norm(x).detach(),
+                               atol=1e-6, rtol=1e-5)
+    h = torch.cat([torch.randn(300, 40, generator=g) * 8, torch.randn(300, 40, generator=g)], dim=1)
+    h[0, :4] = torch.tensor([-200.0, -90.0, 90.0, 0.0])  # where e^x under- and overflows, and 0
+    gate, up = h.chunk(2, dim=1)
+    torch.testing.assert_close(decode_cpu.silu_mul(h), F.silu(gate) * up, atol=1e-6, rtol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("window", [None, 5])
+def test_decoder_equals_the_models_decode_step(window):
+    """The whole step: Decoder's logits and cache writes against sampler.decode_step through the model's layers
+    (attn "ref": the torch path), on every layer of a 3-layer model with GQA and tied or untied output."""
+    for tie in (True, False):
+        cfg = ModelConfig(vocab_size=50, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64,
+                          sliding_window=window, model_type="mistral" if window else "llama", tie_embeddings=tie)
+        model = Transformer(cfg, attn="sdpa").init_weights(std=0.2, seed=1).eval()
+        _, cache, at, _ = case(2, 16, 2, rows=9, slots=3, window=window, seed=2, config=cfg)
+        tokens = torch.randint(0, 50, (9,), generator=torch.Generator().manual_seed(3))
+        mine = copy.deepcopy(cache)
+        with torch.no_grad():
+            model.attn = "ref"
+            want = decode_step(model, cache, tokens, at.pos, at.kv_len, at.sharing)
+            model.attn = "sdpa"
+            got = decode_cpu.Decoder(model)(model, mine, tokens, at.pos, at.kv_len, at.sharing)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mine.rows.k, cache.rows.k, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mine.rows.v, cache.rows.v, atol=1e-5, rtol=1e-4)
 
 
 @needs_cc
@@ -108,9 +181,9 @@ def test_without_a_compiler_generate_falls_back(tmp_path, monkeypatch):
             warnings.simplefilter("always")
             got = generate(model, prompts, n=2, max_new_tokens=6, stop_ids=())
         assert fresh.library(2, 8) is None and "no C compiler" in fresh.why(2, 8)
-        assert [str(w.message) for w in caught if "C decode attention" in str(w.message)] == [
-            "minisirev: the C decode attention is unavailable (no C compiler found ($CC, cc, gcc, clang)); "
-            "decoding with torch matmuls (slower)"]
+        assert [str(w.message) for w in caught if "C decode step" in str(w.message)] == [
+            "minisirev: the C decode step is unavailable (no C compiler found ($CC, cc, gcc, clang)); "
+            "decoding with the model's torch layers (slower)"]
         assert got == want
     finally:
         monkeypatch.undo()
