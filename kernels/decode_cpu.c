@@ -46,9 +46,61 @@ static inline float exp_nonpositive(float x) {
     return x < -87.0f ? 0.0f : p * two_n;
 }
 
-/* s[g * ld + j] = scale * q_g . k_j for keys j = 0 .. n-1 (k [n, D]); four keys at a time for independent sums */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector) && HEAD_DIM % 16 == 0
+#define SIXTEEN_KEYS 1
+#endif
+#endif
+
+#ifdef SIXTEEN_KEYS
+/* Sixteen dot products at once with GCC / clang vector types (16 floats: one AVX-512 register, two AVX2 ones):
+   a[t] holds key t's 16 partial sums; sum16 adds each vector's lanes, the sixteen sums in one vector, by a
+   transposing tree of 30 two-vector shuffles and 15 adds (instead of 16 separate 16-lane reductions). */
+typedef float v16 __attribute__((vector_size(64)));
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+
+static inline v16 load16(const float *p) {
+    v16 x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline v16 sum16(const v16 a[16]) {
+    v16 c[8], d[4], e[2];
+    for (int i = 0; i < 8; i++)  /* c[i]: keys 2i, 2i+1, 8 partial sums each */
+        c[i] = SHUF(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + SHUF(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)  /* d[i]: keys 4i .. 4i+3, 4 partial sums each */
+        d[i] = SHUF(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + SHUF(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)  /* e[i]: keys 8i .. 8i+7, 2 partial sums each */
+        e[i] = SHUF(d[2 * i], d[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + SHUF(d[2 * i], d[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return SHUF(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + SHUF(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+#endif
+
+/* s[g * ld + j] = scale * q_g . k_j for keys j = 0 .. n-1 (k [n, D]): sixteen keys at a time where the vector
+   types allow, then four at a time for independent sums, then one */
 static void scores(const float *restrict q, const float *restrict k, int n, float scale, float *restrict s, int ld) {
     int j = 0;
+#ifdef SIXTEEN_KEYS
+    for (; j + 16 <= n; j += 16) {
+        for (int g = 0; g < G; g++) {
+            const float *qg = q + g * D;
+            v16 a[16];
+            for (int t = 0; t < 16; t++) {
+                const float *kt = k + (int64_t)(j + t) * D;
+                v16 acc = load16(qg) * load16(kt);
+                for (int d = 16; d < D; d += 16) acc += load16(qg + d) * load16(kt + d);
+                a[t] = acc;
+            }
+            const v16 r = sum16(a) * scale;
+            memcpy(s + g * ld + j, &r, sizeof r);
+        }
+    }
+#endif
     for (; j + 4 <= n; j += 4) {
         const float *k0 = k + (int64_t)j * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
         for (int g = 0; g < G; g++) {
@@ -115,6 +167,7 @@ static void attend_task(const float *restrict qt, const float *pk, const float *
     scores(qt, kr, (int)nr, scale, s + np, (int)ld);
     for (int g = 0; g < G; g++) {  /* softmax over the n scores of query g */
         float *sg = s + g * ld, top = sg[0], total = 0.0f;
+#pragma omp simd reduction(max : top)
         for (int64_t j = 1; j < n; j++) top = sg[j] > top ? sg[j] : top;
 #pragma omp simd reduction(+ : total)
         for (int64_t j = 0; j < n; j++) {
@@ -218,6 +271,85 @@ int decode_layer_attention(const float *qkv, const float *cos, const float *sin,
                         s, out + t * G * D);
         }
         free(s);
+    }
+    return failed;
+}
+
+/* ---- the draw: sampler.nucleus (top-k off) and sampler.sample for one row each ---- */
+
+static int descending(const void *a, const void *b) {
+    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? 1 : (x > y ? -1 : 0);
+}
+
+/* logits [B, V] -> token[b]: softmax(logits / temperature), the top-p nucleus (tokens in descending probability,
+   the lower id first among equal ones; a token kept iff the fp64 mass before it is < top_p), then the first kept
+   token whose cumulative probability over the kept total exceeds u[b]. The nucleus is found among the tokens of
+   probability >= t for t = 1/64, 1/1024, ... 0: all tokens above a value are the start of the full order, and the
+   fp64 sums run in that order, so the first t whose candidates reach top_p gives the full ranking's kept set. lp
+   (or NULL): the raw log-prob logits[token] - logsumexp(logits). Returns 0, or 1 if scratch could not be had. */
+int sample_top_p(const float *logits, int64_t B, int64_t V, float temperature, double top_p, const double *u,
+                 int64_t *token, float *lp, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed) if (B * V >= 16384)
+    {
+        float *p = malloc(sizeof(float) * V);
+        uint64_t *key = malloc(sizeof(uint64_t) * V);
+        if (p == NULL || key == NULL) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            if (failed) continue;
+            const float *x = logits + b * V;
+            float top = x[0] / temperature, total = 0.0f;
+            for (int64_t j = 0; j < V; j++) {
+                p[j] = x[j] / temperature;
+                top = p[j] > top ? p[j] : top;
+            }
+#pragma omp simd reduction(+ : total)
+            for (int64_t j = 0; j < V; j++) {
+                p[j] = exp_nonpositive(p[j] - top);
+                total += p[j];
+            }
+            const float inv = 1.0f / total;
+#pragma omp simd
+            for (int64_t j = 0; j < V; j++) p[j] *= inv;
+            int64_t n = 0, kept = 0;
+            for (float t = 1.0f / 64;; t = t > 1e-9f ? t / 16 : 0.0f) {
+                n = 0;
+                for (int64_t j = 0; j < V; j++) {
+                    if (p[j] >= t) {  /* a float >= 0 orders like its bits; the low word puts lower ids first */
+                        uint32_t bits;
+                        memcpy(&bits, p + j, sizeof bits);
+                        key[n++] = ((uint64_t)bits << 32) | (uint64_t)(V - 1 - j);
+                    }
+                }
+                qsort(key, (size_t)n, sizeof *key, descending);
+                double mass = 0.0;
+                for (kept = 0; kept < n && mass < top_p; kept++) mass += p[V - 1 - (int64_t)(key[kept] & 0xFFFFFFFFu)];
+                if (mass >= top_p || t == 0.0f) break;
+            }
+            double kept_mass = 0.0, cum = 0.0;
+            for (int64_t i = 0; i < kept; i++) kept_mass += p[V - 1 - (int64_t)(key[i] & 0xFFFFFFFFu)];
+            int64_t pick = kept - 1;
+            for (int64_t i = 0; i < kept; i++) {
+                cum += p[V - 1 - (int64_t)(key[i] & 0xFFFFFFFFu)];
+                if (cum / kept_mass > u[b]) {
+                    pick = i;
+                    break;
+                }
+            }
+            const int64_t tok = V - 1 - (int64_t)(key[pick] & 0xFFFFFFFFu);
+            token[b] = tok;
+            if (lp != NULL) {
+                float raw_top = x[0], sum = 0.0f;
+                for (int64_t j = 1; j < V; j++) raw_top = x[j] > raw_top ? x[j] : raw_top;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < V; j++) sum += exp_nonpositive(x[j] - raw_top);
+                lp[b] = x[tok] - (raw_top + logf(sum));
+            }
+        }
+        free(p);
+        free(key);
     }
     return failed;
 }

@@ -123,6 +123,8 @@ def library(G: int, D: int) -> ctypes.CDLL | None:
                 lib.rms_norm.restype = None
                 lib.silu_mul.argtypes = [p, i64, i64, p, i32]
                 lib.silu_mul.restype = None
+                lib.sample_top_p.argtypes = [p, i64, i64, f32, ctypes.c_double, p, p, p, i32]
+                lib.sample_top_p.restype = i32
         _LIBS[G, D] = lib
     return _LIBS[G, D]
 
@@ -239,6 +241,23 @@ def silu_mul(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     lib = _any_library()
     lib.silu_mul(h.data_ptr(), B, F2 // 2, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor, logprobs: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [B, V] fp32, uniforms u [B] fp64 -> (token [B], raw log-prob [B] or None): sampler.nucleus with top-k
+    off, then sampler.sample(probs, u=u) (the same kept set and draw up to float rounding of the softmax), and
+    log_softmax(logits)[token]. One C pass per row, no sort of the whole vocabulary unless its nucleus needs it."""
+    logits, u = logits.float().contiguous(), u.double().contiguous()
+    B, V = logits.shape
+    token = torch.empty(B, dtype=torch.long)
+    lp = torch.empty(B) if logprobs else None
+    failed = _any_library().sample_top_p(logits.data_ptr(), B, V, temperature, top_p, u.data_ptr(),
+                                         token.data_ptr(), None if lp is None else lp.data_ptr(),
+                                         torch.get_num_threads())
+    if failed:
+        raise MemoryError("decode_cpu: no memory for the sampling scratch")
+    return token, lp
 
 
 # ---- the decode step ------------------------------------------------------------------------------------------

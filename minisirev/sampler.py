@@ -208,6 +208,9 @@ class Sampling:
     max_new_tokens: int
     stop_ids: torch.Tensor  # [n_stop] long, on the model's device
     return_logprobs: bool
+    # top-p without top-k in one call (logits, temperature, top_p, u, logprobs) -> (token, log-prob or None), the
+    # same draws as nucleus + sample: kernels/decode_cpu.sample_top_p where generate decodes with its Decoder
+    draw_top_p: Callable | None = None
 
     def uniforms(self, streams: torch.Tensor, steps: torch.Tensor) -> torch.Tensor | None:
         """The uniforms rows drawing from `streams` [B] at `steps` [B] or [K, B] use (None when greedy)."""
@@ -217,6 +220,8 @@ class Sampling:
         """logits [B, V], the rows' uniforms u [B] (uniforms()) -> (token [B], raw log-prob [B] or None)."""
         if self.temperature == 0:
             tok = logits.argmax(-1)
+        elif self.draw_top_p is not None and self.top_k == 0 and self.top_p < 1:
+            return self.draw_top_p(logits, self.temperature, self.top_p, u, self.return_logprobs)
         else:
             if 0 < self.top_k < logits.shape[-1] or self.top_p < 1:
                 probs, ids = nucleus(logits, self.temperature, self.top_k, self.top_p)  # B, W
@@ -608,8 +613,9 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     if rows < 1:
         raise ValueError(f"memory budget of {budget} bytes holds no row ({per_row} bytes and a prompt's "
                          f"{per_prompt}) beside the prefill reserve ({reserve} bytes)")
+    from kernels import decode_cpu
     sampling = Sampling(temperature, top_k, top_p, max_new_tokens, torch.tensor(stop, dtype=torch.long, device=device),
-                        return_logprobs)
+                        return_logprobs, draw_top_p=decode_cpu.sample_top_p if decode_cpu.usable(model) else None)
     slots = Slots(model, prompts, keys, n, seed, sampling, int(rows), min(len(prompts), int(rows)), rows_len,
                   step_fn=compiled_decode_step(device) if compile else plain_decode_step(model),
                   static=compile)
