@@ -198,3 +198,24 @@ def test_switched_off_by_environment(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(decode_cpu)
+
+
+@needs_cc
+@pytest.mark.parametrize("V, spread", [(402, 3.0), (402, 0.3), (50, 8.0), (1000, 1.0), (7, 1.0)])
+def test_sample_top_p_equals_nucleus_then_sample(V, spread):
+    """The C draw against sampler.nucleus + sample on the same uniforms: peaked and near-flat rows (nuclei of one
+    token to most of the vocabulary, so every threshold of the C search is used), ties (the lower id first), and
+    the raw log-probs against log_softmax."""
+    from minisirev.sampler import nucleus, sample
+    g = torch.Generator().manual_seed(V)
+    for temperature, top_p in ((1.0, 0.95), (0.75, 0.95), (1.3, 0.5), (0.5, 0.999)):
+        logits = torch.randn(400, V, generator=g) * spread
+        logits[:40, : V // 2] = 1.0  # rows with many equal probabilities
+        u = torch.rand(400, generator=g, dtype=torch.float64)
+        probs, ids = nucleus(logits, temperature, 0, top_p)
+        want = ids.gather(-1, sample(probs, u=u)[:, None])[:, 0]
+        got, lp = decode_cpu.sample_top_p(logits, temperature, top_p, u, logprobs=True)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(-1, got[:, None])[:, 0],
+                                   atol=1e-5, rtol=1e-5)
+        assert decode_cpu.sample_top_p(logits, temperature, top_p, u, logprobs=False)[1] is None
