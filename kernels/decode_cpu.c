@@ -165,7 +165,8 @@ static void attend_task(const float *restrict qt, const float *pk, const float *
     const float *kr = rk + b * rs + h * rh + r0 * D, *vr = rv + b * rs + h * rh + r0 * D;
     scores(qt, kp, (int)np, scale, s, (int)ld);
     scores(qt, kr, (int)nr, scale, s + np, (int)ld);
-    for (int g = 0; g < G; g++) {  /* softmax over the n scores of query g */
+    float inv[G];
+    for (int g = 0; g < G; g++) {  /* softmax over the n scores of query g, normalised after the weighted sum */
         float *sg = s + g * ld, top = sg[0], total = 0.0f;
 #pragma omp simd reduction(max : top)
         for (int64_t j = 1; j < n; j++) top = sg[j] > top ? sg[j] : top;
@@ -174,15 +175,15 @@ static void attend_task(const float *restrict qt, const float *pk, const float *
             sg[j] = exp_nonpositive(sg[j] - top);
             total += sg[j];
         }
-        const float inv = 1.0f / total;
-#pragma omp simd
-        for (int64_t j = 0; j < n; j++) sg[j] *= inv;
+        inv[g] = 1.0f / total;
     }
     float acc[G * D];
     memset(acc, 0, sizeof acc);
     values(s, (int)ld, vp, (int)np, acc);
     values(s + np, (int)ld, vr, (int)nr, acc);
-    memcpy(out, acc, sizeof acc);
+    for (int g = 0; g < G; g++)
+#pragma omp simd
+        for (int d = 0; d < D; d++) out[g * D + d] = acc[g * D + d] * inv[g];
 }
 
 /* Start reading the own keys and values of task t (row b, KV head h) up to index r1 (they come from DRAM). */

@@ -73,6 +73,7 @@ from minisirev.model import KVCache, PrefixCache, Sharing, Transformer
 
 M32 = 0xFFFFFFFF
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward: bounds the side cache and activations
+PREFILL_PADDING = 1.25  # ... and at most this many times its prompts' own tokens (1.7x faster on the 2-core CPU)
 CPU_MEMORY_BUDGET = 4 * 2**30  # default bytes for cache + per-row work on a CPU (on CUDA: 80% of free memory)
 COMPACT_IDLE = 1 / 4  # with the queue empty, the busy rows move down once this fraction of the decoded slots idles
 SORT_KEYS_FROM = 256  # sort_desc sorts int64 keys from this many columns on
@@ -414,8 +415,14 @@ class Slots:
         need = sorted({p for p, _, _ in batch if p not in self.slot_of}, key=lambda p: len(self.prompts[p]))
         while need:  # need is sorted by length, so a chunk holds prompts of similar length
             take = [need.pop(0)]
-            while need and (len(take) + 1) * len(self.prompts[need[0]]) <= PREFILL_TOKENS:
+            real = len(self.prompts[take[0]])  # the chunk's prompt tokens
+            while need:
+                nxt = len(self.prompts[need[0]])  # the chunk's longest prompt if it joins: padded tokens (k + 1) nxt
+                padded = (len(take) + 1) * nxt
+                if padded > PREFILL_TOKENS or padded > PREFILL_PADDING * (real + nxt):
+                    break
                 take.append(need.pop(0))
+                real += nxt
             side, logits = prefill(self.model, [self.prompts[p] for p in take])
             for p, row in zip(take, logits):
                 self.slot_of[p], self.first[p] = heapq.heappop(self.free_prompt_slots), row
