@@ -108,8 +108,33 @@ def timer(piece: str, fn):
     return timed
 
 
-PIECES = [  # (owner, attribute, piece)
+class TimedLibrary:
+    """decode_cpu's library with timers on the C calls the Decoder makes itself (the attention goes through
+    decode_cpu._attend, timed as a piece of its own)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.rms_norm = timer("RMSNorm", lib.rms_norm)
+        self.silu_mul = timer("SiLU * up", lib.silu_mul)
+
+    def __getattr__(self, name):
+        return getattr(self.lib, name)
+
+
+def timed_decoder_init(init):
+    @functools.wraps(init)
+    def wrapped(self, model):
+        init(self, model)
+        self.lib = TimedLibrary(self.lib)
+    return wrapped
+
+
+PIECES = [  # (owner, attribute, piece); the model's pieces run in the prefill (and in the decode without the C step)
     (torch.nn.Linear, "forward", "linear layers"),
+    (torch, "mm", "linear layers"),  # the Decoder's matmuls (the output projection among them)
+    (torch.Tensor, "addmm_", "linear layers"),  # ... and its projections added to the residual
+    (decode_cpu.Decoder, "__call__", "decode step glue (Python, embedding)"),
+    (decode_cpu, "_attend", "decode attention (C: RoPE, cache write, prompt + own keys)"),
     (model_py.Transformer, "forward", "output projection"),
     (model_py.Transformer, "hidden", "embedding"),
     (model_py.Transformer, "positions", "positions (RoPE factors, decode bias)"),
@@ -118,7 +143,7 @@ PIECES = [  # (owner, attribute, piece)
     (model_py.Attention, "forward", "attention glue (views, reshapes)"),
     (model_py, "apply_rope", "RoPE"),
     (model_py.KVCache, "write", "cache writes"),
-    (model_py.Attention, "_attend_shared", "decode attention (prompt + own keys)"),
+    (model_py, "attention_shared", "decode attention (torch: prompt + own keys)"),
     (model_py.Attention, "_attend_full", "prefill attention (SDPA)"),
     (model_py.MLP, "forward", "SiLU * up"),
     (sampler_py.Sampling, "pick", "sampling (argmax / top-p, draw)"),
@@ -128,8 +153,10 @@ PIECES = [  # (owner, attribute, piece)
     (sampler_py, "generate", "rest (Python between the pieces)"),
 ]
 originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in PIECES]
+originals.append((decode_cpu.Decoder, "__init__", decode_cpu.Decoder.__init__))
 for owner, attr, piece in PIECES:
     setattr(owner, attr, timer(piece, getattr(owner, attr)))
+decode_cpu.Decoder.__init__ = timed_decoder_init(decode_cpu.Decoder.__init__)
 try:
     sampler_py.generate(model, prompts, **kw)  # warm-up of the wrapped code
     own.clear()
@@ -148,7 +175,7 @@ print(f"# Where generate's time goes: `{args.config}` ({model.num_params() / 1e6
 print(f"`python bench/sampler_breakdown.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + f" on {cpu}, "
       f"{args.threads} threads, torch {torch.__version__}, "
       f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n")
-print(f"decode attention: {decode_cpu.path_for(model)}")
+print(f"decode step: {decode_cpu.path_for(model)}")
 print(f"generate: {plain:.3f} s without timers, {total:.3f} s with them ({R * M / plain:,.0f} tokens/s)")
 print(f"floor (linear layers alone, same rows): {floor:.3f} s = {floor / plain:.0%} of generate\n")
 print("| piece | calls | seconds | share | ms per decode step |")

@@ -327,4 +327,4 @@ class Decoder:
             lib.silu_mul(h.data_ptr(), B, self.F, a.data_ptr(), threads)
             x.addmm_(a, wd)  # x + the MLP's down projection
         lib.rms_norm(x.data_ptr(), self.norm.data_ptr(), B, C, eps, xn.data_ptr(), threads)
-        return xn @ self.out  # B, V
+        return torch.mm(xn, self.out)  # B, V
