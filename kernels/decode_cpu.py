@@ -39,8 +39,6 @@ from pathlib import Path
 
 import torch
 
-from minisirev.model import rope_tables
-
 SOURCE = Path(__file__).with_name("decode_cpu.c")
 FLAG_SETS = (  # tried in order: the first that compiles is used
     ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
@@ -187,7 +185,7 @@ def layer_attention(qkv: torch.Tensor, cache, layer: int, pos: torch.Tensor, sha
     """qkv [B, (H + 2 KVH) D] (q, k, v projections of one token per row, before RoPE) -> attention output
     [B, H * D]; writes the rotated key and the value of row b at its own-key index pos[b] - prompt_len[b] of
     `layer`. The same as model.py's apply_rope, PrefixCache write and attention_shared (rows 0 .. B-1 of the cache;
-    sharing's prompt slots, prompt lengths and prompt_keys; own keys 0 .. kv_len - 1). cos, sin: rope_tables
+    sharing's prompt slots, prompt lengths and prompt_keys; own keys 0 .. kv_len - 1). cos, sin: model.rope_tables
     [positions, D/2]."""
     B = qkv.shape[0]
     rk = cache.rows.k[layer]
@@ -290,15 +288,16 @@ class Decoder:
         self.out = model.output_weight.detach().t()  # C, V
         self.cache = None
         self.buffers: dict[int, tuple[torch.Tensor, ...]] = {}
-        self.config = cfg
+        self.model = model
 
     def _bind(self, cache):
         """A new cache: its per-layer pointers, and RoPE tables covering its positions."""
         _check_cache(cache)
         self.cache = cache
         self.ptrs = [_layer_ptrs(cache, layer) for layer in range(len(self.layers))]
-        cos, sin = rope_tables(self.config, cache.prompts.max_len + cache.rows.max_len)
-        self.cos, self.sin = cos.contiguous(), sin.contiguous()
+        positions = cache.prompts.max_len + cache.rows.max_len
+        cos, sin = self.model.rope(torch.arange(positions)[None], positions)  # 1, 1, positions, D/2: the model's
+        self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
 
     def _buffers(self, B: int) -> tuple[torch.Tensor, ...]:
         if B not in self.buffers:

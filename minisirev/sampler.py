@@ -8,29 +8,31 @@ The pieces are small pure functions (gpt-fast `generate.py`, nanochat `engine.py
     stream_key, uniform_from_stream   the uniforms: a counter-based hash of (seed, key, sample index, step)
     prefill           right-padded ragged prompts -> their KV cache rows and next-token logits
     decode_step       one token per slot against the PrefixCache (a prompt's keys once, each row's own keys)
+    plain_decode_step decode_step, or on a CPU its fused twin kernels/decode_cpu.Decoder
     Slots             the scheduler's state: admit (refill free slots), run (decode), harvest (finished rows),
                       compact (the tail)
     generate          validates, sizes the cache, and runs admit / run / harvest until the queue is empty
 
 How generate works. One PrefixCache (model.py) is allocated per call: P prompt slots of the longest prompt's length
 and R row slots of max_new_tokens keys each, [L, P or R, KVH, length, D] in the model's dtype (P = min(prompts, R):
-R rows never hold more than R distinct prompts). The work is the queue of (prompt, sample) pairs, prompt-major.
-When slots are free, the next pairs take them: their new prompts are prefilled once (batched and right-padded) into
-free prompt slots, so a prompt is prefilled once however many of its n samples there are and whenever they are
-admitted, and its keys are stored once. All rows then decode together, one token per step, each at its own
-position: a row attends over its prompt slot's keys and its own (attention_shared, one softmax over both), and the
-rows sharing a prompt read its keys once, as one block of queries (with n = 8..64 samples of an 80-token prompt, a
-step reads the prompt's keys once instead of n times; explicit matmuls rather than a masked SDPA call, which on a
-CPU was 1.4-3x slower at these sizes; on a CPU with the sdpa backend kernels/decode_cpu.c does the same in one C
-pass per row and KV head, 1.0-1.3x faster end to end). Every `sync_every` steps the host reads the finished flags
-(the one host synchronisation; stopping needs it), harvests finished rows, frees the prompt slot of a prompt
-whose last sample finished, and refills free row slots. A row that finishes between two checks stays frozen
-(its position and token do not advance) until harvested, so at most sync_every - 1 steps of its slot are wasted;
-a larger sync_every wastes more slot-steps, a smaller one stalls the device more often. Rows that can only end by length
-are known to the host, so no step is wasted at the end. When the queue is empty and a quarter of the slots have idled
-(COMPACT_IDLE; waiting for half took 15% longer on a 2048-row evaluation chunk), the busy rows move down to the first
-slots and the live prompts to the first prompt slots (copies of their keys), so the tail of a run does not decode
-idle slots or read finished prompts.
+R rows never hold more than R distinct prompts). The work is the queue of (prompt, sample) pairs, prompt-major. When
+slots are free, the next pairs take them: their new prompts are prefilled once (batched and right-padded, in chunks
+of similar length) into free prompt slots, so a prompt is prefilled once however many of its n samples there are and
+whenever they are admitted, and its keys are stored once. All rows then decode together, one token per step, each at
+its own position: a row attends over its prompt slot's keys and its own (attention_shared, one softmax over both),
+and the rows sharing a prompt read its keys once, as one block of queries (with n = 8..64 samples of an 80-token
+prompt, a step reads the prompt's keys once instead of n times; explicit matmuls rather than a masked SDPA call,
+which on a CPU was 1.4-3x slower at these sizes). On a CPU in fp32 with the sdpa backend the step is
+kernels/decode_cpu's Decoder instead (plain_decode_step): the same layers with C between torch's matmuls, four calls
+per layer instead of about 150 tensor operations, and the top-p draw in C (Sampling.draw_top_p). Every `sync_every`
+steps the host reads the finished flags (the one host synchronisation; stopping needs it), harvests finished rows,
+frees the prompt slot of a prompt whose last sample finished, and refills free row slots. A row that finishes
+between two checks stays frozen (its position and token do not advance) until harvested, so at most sync_every - 1
+steps of its slot are wasted; a larger sync_every wastes more slot-steps, a smaller one stalls the device more
+often. Rows that can only end by length are known to the host, so no step is wasted at the end. When the queue is
+empty and a quarter of the slots have idled (COMPACT_IDLE; waiting for half took 15% longer on a 2048-row evaluation
+chunk), the busy rows move down to the first slots and the live prompts to the first prompt slots (copies of their
+keys), so the tail of a run does not decode idle slots or read finished prompts.
 
 Randomness. The uniform that draws token t of sample j of a prompt is a hash of (seed, key, j, t), key being the
 prompt's index (or the caller's `keys`, e.g. a question id). A draw therefore depends on nothing but those four
@@ -39,7 +41,8 @@ on max_batch_rows, on slot refill order or on n (sample j of n=50 is sample j of
 reproduce an uninterrupted run; a distributed run that gives each worker some (key, sample) pairs reproduces a
 single-process one. The probabilities themselves can move at rounding level with the batch shape (a matmul over B
 rows may block differently), which changes a draw only when its uniform falls within rounding of a CDF boundary.
-Same seed -> same samples on the same device; across devices, up to those rounding flips.
+Same seed -> same samples on the same device; across devices, and between the C decode step and the model's own
+layers (no C compiler, or MINISIREV_CPU_KERNELS=0), up to those rounding flips.
 
 The decode step is torch.compiled by default on CUDA (compile=None): static shapes (every slot every step, every
 prompt slot with min(n, R) member rows, the rows' own keys read rounded up to a multiple of 256, so at most
