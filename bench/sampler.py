@@ -199,7 +199,7 @@ def bench_config(name: str) -> tuple[list[list], str]:
     desc = (f"`{name}`: {ours.num_params() / 1e6:.2f}M parameters "
             f"({'data/base_model, trained' if CONFIGS[name] is None else 'random, init std 0.02'}), "
             f"{len(prompts)} prompts of {min(lens)}-{max(lens)} tokens; greedy agreement with HF {agree:.1%} "
-            f"of tokens; decode attention: {decode_cpu.path_for(ours)}")
+            f"of tokens; decode step: {decode_cpu.path_for(ours)}")
     bench_config.last = (ours, cfg, prompts)
     return rows, desc
 

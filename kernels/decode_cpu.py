@@ -262,7 +262,8 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, u: torc
 
 class Decoder:
     """generate's decode step on a CPU, called as sampler.decode_step is: (model, cache, tokens [B], pos [B],
-    kv_len, sharing) -> logits [B, V]. Rows 0 .. B-1 of the PrefixCache; buffers are kept per B."""
+    kv_len, sharing) -> logits [B, V] (the model argument is ignored: the Decoder holds its own). Rows 0 .. B-1 of
+    the PrefixCache; buffers are kept per B."""
 
     def __init__(self, model):
         cfg = model.config
@@ -272,7 +273,6 @@ class Decoder:
             raise RuntimeError(f"decode_cpu: no library for G={self.G}, D={self.D}: {why(self.G, self.D)}")
         self.KVH, self.C, self.F, self.eps = cfg.n_kv_heads, cfg.dim, cfg.ffn_dim, cfg.norm_eps
         self.scale, self.window = 1.0 / math.sqrt(cfg.head_dim), cfg.sliding_window
-        self.max_seq_len = cfg.max_seq_len
         w = lambda m: m.weight.detach()  # noqa: E731
         self.layers = []
         for block in model.layers:
