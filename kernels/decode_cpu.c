@@ -5,6 +5,7 @@
                            the row's own keys, attention over the row's prompt keys and own keys (model.py's
                            apply_rope, KVCache.write and attention_shared)
    rms_norm, silu_mul      RMSNorm; SwiGLU's silu(gate) * up
+   sample_top_p            the top-p draw of the next token (sampler.nucleus and sampler.sample)
 
    Attention: one token per row b; its G query heads per KV head h attend over the row's prompt keys (prompt slot
    prompt[b], positions 0 .. plen[b] - 1) and its own generated keys (row b, index i = position - plen[b], i <=
@@ -274,6 +275,9 @@ int decode_layer_attention(const float *qkv, const float *cos, const float *sin,
 
 /* ---- the draw: sampler.nucleus (top-k off) and sampler.sample for one row each ---- */
 
+/* the token id a sort key of sample_top_p holds in its low word */
+static inline int64_t key_id(uint64_t key, int64_t V) { return V - 1 - (int64_t)(key & 0xFFFFFFFFu); }
+
 static int descending(const void *a, const void *b) {
     const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? 1 : (x > y ? -1 : 0);
@@ -311,6 +315,7 @@ int sample_top_p(const float *logits, int64_t B, int64_t V, float temperature, d
 #pragma omp simd
             for (int64_t j = 0; j < V; j++) p[j] *= inv;
             int64_t n = 0, kept = 0;
+            double mass = 0.0;  /* of the kept tokens, summed in nucleus order */
             for (float t = 1.0f / 64;; t = t > 1e-9f ? t / 16 : 0.0f) {
                 n = 0;
                 for (int64_t j = 0; j < V; j++) {
@@ -321,21 +326,20 @@ int sample_top_p(const float *logits, int64_t B, int64_t V, float temperature, d
                     }
                 }
                 qsort(key, (size_t)n, sizeof *key, descending);
-                double mass = 0.0;
-                for (kept = 0; kept < n && mass < top_p; kept++) mass += p[V - 1 - (int64_t)(key[kept] & 0xFFFFFFFFu)];
+                mass = 0.0;
+                for (kept = 0; kept < n && mass < top_p; kept++) mass += p[key_id(key[kept], V)];
                 if (mass >= top_p || t == 0.0f) break;
             }
-            double kept_mass = 0.0, cum = 0.0;
-            for (int64_t i = 0; i < kept; i++) kept_mass += p[V - 1 - (int64_t)(key[i] & 0xFFFFFFFFu)];
             int64_t pick = kept - 1;
+            double cum = 0.0;
             for (int64_t i = 0; i < kept; i++) {
-                cum += p[V - 1 - (int64_t)(key[i] & 0xFFFFFFFFu)];
-                if (cum / kept_mass > u[b]) {
+                cum += p[key_id(key[i], V)];
+                if (cum / mass > u[b]) {
                     pick = i;
                     break;
                 }
             }
-            const int64_t tok = V - 1 - (int64_t)(key[pick] & 0xFFFFFFFFu);
+            const int64_t tok = key_id(key[pick], V);
             token[b] = tok;
             if (lp != NULL) {
                 float raw_top = x[0], sum = 0.0f;
