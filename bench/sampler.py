@@ -11,13 +11,17 @@ prompts x n. Stopping is switched off on both sides (no EOS) so both produce exa
 Greedy outputs of the two are compared token by token as a sanity check ("agree").
 
 The matmul floor is what the decode cannot go below on a CPU: the time of the model's linear layers alone (every
-projection of every layer plus the output projection, F.linear on the same weights) at the same number of rows,
-once per generated token, plus the prefill's linear layers over the prompts' tokens:
+projection of every layer plus the output projection, on the same weights) at the same number of rows, once per
+generated token, plus the prefill's linear layers over the prompts' tokens:
     floor = max_new_tokens * t_linears(rows) + t_linears(prompt tokens);  "of floor" = floor / ours.
-HF, ours and the floor run alternately, `--repeats` times after a warm-up; the table gives median wall times and the
-median of the per-round ratios (the machine may be shared: ratios taken within a round cancel its load), and the same
-ratios in CPU seconds of the process (time.process_time), which on a shared machine leave out time spent descheduled
-(with one thread they measure the work; with more they also count OpenMP spin-waits).
+On a CPU in fp32 the linear layers are timed two ways (bench/sampler_models.linears_fn) and the floor of a round is
+the faster: F.linear on each layer's weight (torch's GEMM, MKL) and oneDNN's GEMM on packed weights with q|k|v and
+gate|up concatenated (decode_cpu.Linear, what our decode step runs). On the AMD EPYC (Zen 5) of bench/results/ the
+second is about twice as fast at 256 rows, so it is the floor there; both columns are printed.
+HF, ours and the floors run alternately, `--repeats` times after a warm-up; the table gives median wall times and
+the median of the per-round ratios (the machine may be shared: ratios taken within a round cancel its load), and the
+same ratios in CPU seconds of the process (time.process_time), which on a shared machine leave out time spent
+descheduled (with one thread they measure the work; with more they also count OpenMP spin-waits).
 
 On CUDA also batch-1 decode bandwidth: the time of one decode step is the difference between a long and a short
 generation divided by the extra tokens (prefill cancels); each step reads every weight once plus the KV cache so far:
@@ -155,21 +159,26 @@ def bench_config(name: str) -> tuple[list[list], str]:
         return generate(ours, prompts, n=n, max_new_tokens=new, temperature=1.0 if sampled else 0.0,
                         top_p=args.top_p, stop_ids=(), max_batch_rows=len(prompts) * n, compile=compile)
 
+    def floor_fn(model, rows: int, prompt_tokens: int, new: int, packed: bool):
+        step = linears_fn(model, rows, device, dtype, packed=packed)
+        prefill = linears_fn(model, prompt_tokens, device, dtype, packed=packed)
+
+        def floor():
+            prefill()
+            for _ in range(new):
+                step()
+        return floor
+
     rows = []
     for new in args.max_new_tokens:
         for n in args.n:
             R = len(prompts) * n
-            step_linears = linears_fn(ours, R, device, dtype)
-            prefill_linears = linears_fn(ours, sum(lens), device, dtype)
-
-            def floor():
-                prefill_linears()
-                for _ in range(new):
-                    step_linears()
+            floors = {"F.linear": floor_fn(ours, R, sum(lens), new, packed=False)}
+            if packed_floor:
+                floors["oneDNN"] = floor_fn(ours, R, sum(lens), new, packed=True)
 
             for sampled in (False, True):
-                fns = {"hf": lambda: run_hf(n, new, sampled), "ours": lambda: run_ours(n, new, sampled),
-                       "floor": floor}
+                fns = {"hf": lambda: run_hf(n, new, sampled), "ours": lambda: run_ours(n, new, sampled), **floors}
                 for fn in fns.values():
                     fn()  # warm-up
                 times = {k: [] for k in fns}
@@ -179,13 +188,15 @@ def bench_config(name: str) -> tuple[list[list], str]:
                         wall, c = timed_cpu(fn)
                         times[k].append(wall)
                         cpu[k].append(c)
+                for t in (times, cpu):  # the floor of a round: the faster way to run its linear layers
+                    t["floor"] = [min(ts) for ts in zip(*(t[k] for k in floors))]
                 med = {k: statistics.median(v) for k, v in times.items()}
 
                 def ratio(t, a, b):
                     return statistics.median(x / y for x, y in zip(t[a], t[b]))
                 tokens = R * new
                 row = [name, "sampled" if sampled else "greedy", n, R, new, f"{tokens / med['hf']:,.0f}",
-                       f"{tokens / med['ours']:,.0f}", f"{tokens / med['floor']:,.0f}",
+                       f"{tokens / med['ours']:,.0f}", *(f"{tokens / med[k]:,.0f}" for k in floor_names),
                        f"{ratio(times, 'hf', 'ours'):.2f}x", f"{ratio(times, 'floor', 'ours'):.0%}",
                        f"{ratio(cpu, 'hf', 'ours'):.2f}x", f"{ratio(cpu, 'floor', 'ours'):.0%}"]
                 rows.append(row)
@@ -204,9 +215,12 @@ def bench_config(name: str) -> tuple[list[list], str]:
     return rows, desc
 
 
+packed_floor = device.type == "cpu" and dtype == torch.float32  # oneDNN's packed GEMM: fp32 on a CPU
+floor_names = ["F.linear", "oneDNN"] if packed_floor else ["F.linear"]
 all_rows, descs = [], []
-header = ["model", "mode", "n", "rows", "new tokens", "HF tok/s", "ours tok/s", "floor tok/s", "ours / HF",
-          "of floor", "ours / HF (CPU s)", "of floor (CPU s)"]
+header = ["model", "mode", "n", "rows", "new tokens", "HF tok/s", "ours tok/s",
+          *(f"floor tok/s ({k})" for k in floor_names), "ours / HF", "of floor", "ours / HF (CPU s)",
+          "of floor (CPU s)"]
 print(" | ".join(header))
 for name in args.config:
     r, d = bench_config(name)

@@ -9,8 +9,9 @@ to the call's wall time (the last row, "rest", is what no timer covers: Python b
 is not used: on this CPU it charged SiLU 1.5 ms a call inside generate, against 0.15 ms by a timer.
 The timers cost about a microsecond a call; the wall time without them is printed too.
 
-The floor, as in bench/sampler.py: every linear layer of the model (F.linear on its weights) at the decode's row
-count, once per generated token, plus once over the prompts' tokens (the prefill). "in the run" beside it is the
+The floor, as in bench/sampler.py: every linear layer of the model at the decode's row count, once per generated
+token, plus once over the prompts' tokens (the prefill), timed two ways (F.linear on each weight; oneDNN's packed
+GEMM on the Decoder's concatenated weights, decode_cpu.Linear) and taken as the faster. "in the run" beside it is the
 time the same linear layers took inside generate: the gap between the two is cache pollution by everything else.
 The fixed cost of a step is the same generate over one prompt and one sample: what a step costs whatever the rows.
 """
@@ -76,10 +77,13 @@ def wall(fn) -> float:
 # ---- the untimed call, the floor, the fixed cost of a step ----------------------------------------------------
 sampler_py.generate(model, prompts, **kw)  # warm-up
 plain = statistics.median(wall(lambda: sampler_py.generate(model, prompts, **kw)) for _ in range(args.repeats))
-step, prefill = linears_fn(model, args.prompts * args.n), linears_fn(model, sum(lens))
-step(), prefill()
-floor = statistics.median(wall(lambda: [prefill()] + [step() for _ in range(args.max_new_tokens)])
-                          for _ in range(args.repeats))
+floors = {}  # way -> seconds
+for packed, way in ((False, "F.linear"), (True, "oneDNN packed")):
+    step, prefill = linears_fn(model, args.prompts * args.n, packed=packed), linears_fn(model, sum(lens), packed=packed)
+    step(), prefill()
+    floors[way] = statistics.median(wall(lambda: [prefill()] + [step() for _ in range(args.max_new_tokens)])
+                                    for _ in range(args.repeats))
+floor = min(floors.values())
 one = dict(kw, n=1, max_new_tokens=64, max_batch_rows=1)
 sampler_py.generate(model, prompts[:1], **one)
 fixed = statistics.median(wall(lambda: sampler_py.generate(model, prompts[:1], **one)) for _ in range(5)) / 64
@@ -131,8 +135,7 @@ def timed_decoder_init(init):
 
 PIECES = [  # (owner, attribute, piece); the model's pieces run in the prefill (and in the decode without the C step)
     (torch.nn.Linear, "forward", "linear layers"),
-    (torch, "mm", "linear layers"),  # the Decoder's matmuls (the output projection among them)
-    (torch.Tensor, "addmm_", "linear layers"),  # ... and its projections added to the residual
+    (decode_cpu.Linear, "__call__", "linear layers"),  # the Decoder's matmuls (the output projection among them)
     (decode_cpu.Decoder, "__call__", "decode step glue (Python, embedding)"),
     (decode_cpu, "_attend", "decode attention (C: RoPE, cache write, prompt + own keys)"),
     (model_py.Transformer, "forward", "output projection"),
@@ -177,7 +180,8 @@ print(f"`python bench/sampler_breakdown.py {' '.join(sys.argv[1:])}`".replace(" 
       f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n")
 print(f"decode step: {decode_cpu.path_for(model)}")
 print(f"generate: {plain:.3f} s without timers, {total:.3f} s with them ({R * M / plain:,.0f} tokens/s)")
-print(f"floor (linear layers alone, same rows): {floor:.3f} s = {floor / plain:.0%} of generate\n")
+print(f"floor (linear layers alone, same rows): {floor:.3f} s = {floor / plain:.0%} of generate "
+      f"({', '.join(f'{way} {s:.3f} s' for way, s in floors.items())})\n")
 print("| piece | calls | seconds | share | ms per decode step |")
 print("|---|---|---|---|---|")
 for piece, s in sorted(own.items(), key=lambda kv: -kv[1]):

@@ -1,11 +1,12 @@
 """What bench/sampler.py and bench/sampler_breakdown.py share: the benchmark models and the matmul floor's linear
-layers. (The device's name comes from minisirev.provenance.device_name, as in a run's provenance.)"""
+layers, two ways. (The device's name comes from minisirev.provenance.device_name, as in a run's provenance.)"""
 
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from kernels import decode_cpu
 from minisirev.config import ModelConfig
 from minisirev.model import Transformer
 
@@ -24,14 +25,35 @@ CONFIGS = {
 }
 
 
-def linears_fn(model: Transformer, tokens: int, device=None, dtype=torch.float32):
+def linears_fn(model: Transformer, tokens: int, device=None, dtype=torch.float32, packed: bool = False):
     """A function running every linear layer of `model` once on `tokens` rows of random input (one step of the
-    matmul floor): every projection of every layer plus the output projection, F.linear on the same weights."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.output_weight]
-    xs = {w.shape[1]: torch.randn(tokens, w.shape[1], device=device, dtype=dtype) for w in weights}
+    matmul floor), every projection of every layer plus the output projection, either
+      packed=False  F.linear on each nn.Linear's weight (torch's GEMM: MKL on a CPU, cuBLAS on a GPU), or
+      packed=True   (CPU, fp32) decode_cpu.Linear on the weights as decode_cpu.Decoder holds them: q|k|v and gate|up
+                    concatenated, packed for oneDNN's GEMM (torch.mm where oneDNN is not had or rows < 32)."""
+    if not packed:
+        weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.output_weight]
+        xs = {w.shape[1]: torch.randn(tokens, w.shape[1], device=device, dtype=dtype) for w in weights}
 
-    def run():
+        def run():
+            with torch.no_grad():
+                for w in weights:
+                    F.linear(xs[w.shape[1]], w)
+        return run
+
+    def w(m):
+        return m.weight.detach().float()
+    layers = []
+    for block in model.layers:
+        a, mlp = block.self_attn, block.mlp
+        layers += [torch.cat([w(a.q_proj), w(a.k_proj), w(a.v_proj)]), w(a.o_proj),
+                   torch.cat([w(mlp.gate_proj), w(mlp.up_proj)]), w(mlp.down_proj)]
+    layers.append(model.output_weight.detach().float())
+    linears = [decode_cpu.Linear(m) for m in layers]
+    xs = {m.shape[1]: torch.randn(tokens, m.shape[1]) for m in layers}
+
+    def run_packed():
         with torch.no_grad():
-            for w in weights:
-                F.linear(xs[w.shape[1]], w)
-    return run
+            for m, lin in zip(layers, linears):
+                lin(xs[m.shape[1]])
+    return run_packed

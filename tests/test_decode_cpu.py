@@ -1,7 +1,7 @@
 """kernels/decode_cpu.c against its PyTorch twins in model.py: the layer attention (RoPE, cache write,
 attention_shared) on ragged prompts, idle rows, windows and GQA shapes; RMSNorm and SiLU * up; the whole Decoder step
-against sampler.decode_step; a row's result independent of the other rows; the build cache; the fallback when no
-compiler works (generate then gives the torch path's tokens). The sampler's guarantees with the C step in the decode
+against sampler.decode_step; its matmuls (decode_cpu.Linear) against fp64; a row's result independent of the other
+rows; the build cache; the fallback when no compiler works (generate then gives the torch path's tokens). The sampler's guarantees with the C step in the decode
 are in tests/test_sampler.py (its tests run with attn="sdpa", which uses it, as well as "ref", which does not)."""
 
 import copy
@@ -133,15 +133,16 @@ def test_rms_norm_and_silu_mul_equal_the_model():
 
 @needs_cc
 @pytest.mark.parametrize("window", [None, 5])
-def test_decoder_equals_the_models_decode_step(window):
+@pytest.mark.parametrize("rows", [9, decode_cpu.PACKED_MIN_ROWS + 8])  # torch.mm's matmuls, oneDNN's
+def test_decoder_equals_the_models_decode_step(window, rows):
     """The whole step: Decoder's logits and cache writes against sampler.decode_step through the model's layers
     (attn "ref": the torch path), on every layer of a 3-layer model with GQA and tied or untied output."""
     for tie in (True, False):
         cfg = ModelConfig(vocab_size=50, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64,
                           sliding_window=window, model_type="mistral" if window else "llama", tie_embeddings=tie)
         model = Transformer(cfg, attn="sdpa").init_weights(std=0.2, seed=1).eval()
-        _, cache, at, _ = case(2, 16, 2, rows=9, slots=3, window=window, seed=2, config=cfg)
-        tokens = torch.randint(0, 50, (9,), generator=torch.Generator().manual_seed(3))
+        _, cache, at, _ = case(2, 16, 2, rows=rows, slots=3, window=window, seed=2, config=cfg)
+        tokens = torch.randint(0, 50, (rows,), generator=torch.Generator().manual_seed(3))
         mine = copy.deepcopy(cache)
         with torch.no_grad():
             model.attn = "ref"
@@ -151,6 +152,42 @@ def test_decoder_equals_the_models_decode_step(window):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(mine.rows.k, cache.rows.k, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(mine.rows.v, cache.rows.v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B", [1, 7, decode_cpu.PACKED_MIN_ROWS, 100])
+def test_linear_equals_a_matmul(B):
+    """decode_cpu.Linear against x @ w^T in fp64, with and without the residual added, on both sides of
+    PACKED_MIN_ROWS (oneDNN's packed GEMM where this torch has it, torch.mm below)."""
+    g = torch.Generator().manual_seed(B)
+    w, x, add = torch.randn(72, 136, generator=g), torch.randn(B, 136, generator=g), torch.randn(B, 72, generator=g)
+    lin = decode_cpu.Linear(w)
+    assert lin.packed is not None or not torch.backends.mkldnn.is_available()
+    want = x.double() @ w.double().t()
+    torch.testing.assert_close(lin(x).double(), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lin(x, add=add).double(), want + add.double(), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_rows_do_not_depend_on_the_batch():
+    """Bit for bit from PACKED_MIN_ROWS rows up: the first rows of a batch give what they give alone, so a sample
+    does not depend on which other rows share its step (the sampler's guarantee)."""
+    g = torch.Generator().manual_seed(0)
+    lin = decode_cpu.Linear(torch.randn(200, 96, generator=g))
+    x, add = torch.randn(300, 96, generator=g), torch.randn(300, 200, generator=g)
+    full, full_add = lin(x), lin(x, add=add)
+    for B in (decode_cpu.PACKED_MIN_ROWS, 61, 257):
+        assert torch.equal(lin(x[:B]), full[:B])
+        assert torch.equal(lin(x[:B], add=add[:B]), full_add[:B])
+
+
+def test_linear_without_onednn_uses_torch_mm(monkeypatch):
+    """Where packing is not had (no oneDNN, or its result off), Linear is torch.mm / torch.addmm exactly."""
+    monkeypatch.setattr(decode_cpu, "_packed", lambda w: None)
+    g = torch.Generator().manual_seed(1)
+    w, x, add = torch.randn(40, 64, generator=g), torch.randn(50, 64, generator=g), torch.randn(50, 40, generator=g)
+    lin = decode_cpu.Linear(w)
+    assert lin.packed is None
+    assert torch.equal(lin(x), torch.mm(x, w.t()))
+    assert torch.equal(lin(x, add=add), torch.addmm(add, x, w.t()))
 
 
 @needs_cc
