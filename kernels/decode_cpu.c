@@ -278,9 +278,28 @@ int decode_layer_attention(const float *qkv, const float *cos, const float *sin,
 /* the token id a sort key of sample_top_p holds in its low word */
 static inline int64_t key_id(uint64_t key, int64_t V) { return V - 1 - (int64_t)(key & 0xFFFFFFFFu); }
 
-static int descending(const void *a, const void *b) {
-    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? 1 : (x > y ? -1 : 0);
+/* key[0 .. n-1] in descending order, given in ascending token order: a stable LSD radix sort on the high word (the
+   probability's bits), one byte a pass, a pass skipped where every key has the same byte; stability keeps equal
+   probabilities in ascending token order, which is the low word's descending order: the full key's order.
+   tmp: scratch for n keys. (The whole draw of a near-flat row of 398 tokens, where nearly all are sorted: 1.9-2.6 us
+   a row with this sort, 10-18 us with qsort and a comparator; 256 rows, 2 threads, the 2-core AMD EPYC.) */
+static void sort_descending(uint64_t *key, uint64_t *tmp, int64_t n) {
+    uint64_t *src = key, *dst = tmp;
+    for (int shift = 32; shift < 64; shift += 8) {
+        int64_t count[256] = {0};
+        for (int64_t i = 0; i < n; i++) count[255 - ((src[i] >> shift) & 0xFF)]++;
+        if (n == 0 || count[255 - ((src[0] >> shift) & 0xFF)] == n) continue;
+        for (int64_t d = 0, start = 0; d < 256; d++) {
+            const int64_t c = count[d];
+            count[d] = start;
+            start += c;
+        }
+        for (int64_t i = 0; i < n; i++) dst[count[255 - ((src[i] >> shift) & 0xFF)]++] = src[i];
+        uint64_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != key) memcpy(key, src, sizeof *key * (size_t)n);
 }
 
 /* logits [B, V] -> token[b]: softmax(logits / temperature), the top-p nucleus (tokens in descending probability,
@@ -295,8 +314,8 @@ int sample_top_p(const float *logits, int64_t B, int64_t V, float temperature, d
 #pragma omp parallel num_threads(threads) reduction(| : failed) if (B * V >= 16384)
     {
         float *p = malloc(sizeof(float) * V);
-        uint64_t *key = malloc(sizeof(uint64_t) * V);
-        if (p == NULL || key == NULL) failed = 1;
+        uint64_t *key = malloc(sizeof(uint64_t) * V), *tmp = malloc(sizeof(uint64_t) * V);
+        if (p == NULL || key == NULL || tmp == NULL) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
             if (failed) continue;
@@ -325,7 +344,7 @@ int sample_top_p(const float *logits, int64_t B, int64_t V, float temperature, d
                         key[n++] = ((uint64_t)bits << 32) | (uint64_t)(V - 1 - j);
                     }
                 }
-                qsort(key, (size_t)n, sizeof *key, descending);
+                sort_descending(key, tmp, n);
                 mass = 0.0;
                 for (kept = 0; kept < n && mass < top_p; kept++) mass += p[key_id(key[kept], V)];
                 if (mass >= top_p || t == 0.0f) break;
@@ -351,6 +370,7 @@ int sample_top_p(const float *logits, int64_t B, int64_t V, float temperature, d
         }
         free(p);
         free(key);
+        free(tmp);
     }
     return failed;
 }
