@@ -147,3 +147,4 @@ except (DataError, CheckpointError, ConfigError, TokenizerError) as e:
 summary = dist.on_main(write_summary, run, config)
 print(format_table(summary))
 print(f"wrote {run.summary}, {run.root / 'report.md'} and {run.root / 'plots'}/")
+dist.shutdown()

@@ -86,3 +86,4 @@ except HarnessError as e:
     cli.fail(P, f"the verifier could not run: {e}", code=1)
 correct = sum(sum(r["correct"]) for r in rows)
 print(f"{P}: wrote {len(rows)} questions x {args.n} to {out}; {correct} of {len(rows) * args.n} correct")
+dist.shutdown()

@@ -251,3 +251,4 @@ except (DataError, CheckpointError, ConfigError, TokenizerError) as e:
 summary = dist.on_main(write_summary, run, config)
 print(format_table(summary))
 print(f"done in {time.perf_counter() - t_start:.0f} s; run directory: {run.root} (report: {run.root / 'report.md'})")
+dist.shutdown()

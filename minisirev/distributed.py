@@ -91,7 +91,11 @@ def setup(prog: str, device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the process group, once every rank is here: called at the end of each script, so that gloo's worker
+    threads stop while the interpreter is whole (left to the interpreter's exit, a rank could abort with
+    "terminate called without an active exception" after its work was done)."""
     if active():
+        dist.barrier()
         dist.destroy_process_group()
 
 

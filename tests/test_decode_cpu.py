@@ -1,8 +1,9 @@
 """kernels/decode_cpu.c against its PyTorch twins in model.py: the layer attention (RoPE, cache write,
 attention_shared) on ragged prompts, idle rows, windows and GQA shapes; RMSNorm and SiLU * up; the whole Decoder step
 against sampler.decode_step; its matmuls (decode_cpu.Linear) against fp64; a row's result independent of the other
-rows; the build cache; the fallback when no compiler works (generate then gives the torch path's tokens). The sampler's guarantees with the C step in the decode
-are in tests/test_sampler.py (its tests run with attn="sdpa", which uses it, as well as "ref", which does not)."""
+rows; the build cache; the fallback when no compiler works (generate then gives the torch path's tokens). The
+sampler's guarantees with the C step in the decode are in tests/test_sampler.py (its tests run with attn="sdpa",
+which uses it, as well as "ref", which does not)."""
 
 import copy
 import importlib
