@@ -41,19 +41,12 @@ def linears_fn(model: Transformer, tokens: int, device=None, dtype=torch.float32
                     F.linear(xs[w.shape[1]], w)
         return run
 
-    def w(m):
-        return m.weight.detach().float()
-    layers = []
-    for block in model.layers:
-        a, mlp = block.self_attn, block.mlp
-        layers += [torch.cat([w(a.q_proj), w(a.k_proj), w(a.v_proj)]), w(a.o_proj),
-                   torch.cat([w(mlp.gate_proj), w(mlp.up_proj)]), w(mlp.down_proj)]
-    layers.append(model.output_weight.detach().float())
-    linears = [decode_cpu.Linear(m) for m in layers]
-    xs = {m.shape[1]: torch.randn(tokens, m.shape[1]) for m in layers}
+    layers, out = decode_cpu.layer_weights(model)
+    linears = [m for layer in layers for m in layer if isinstance(m, decode_cpu.Linear)] + [out]
+    xs = {m.t.shape[0]: torch.randn(tokens, m.t.shape[0]) for m in linears}  # Linear.t: K, N
 
     def run_packed():
         with torch.no_grad():
-            for m, lin in zip(layers, linears):
-                lin(xs[m.shape[1]])
+            for m in linears:
+                m(xs[m.t.shape[0]])
     return run_packed

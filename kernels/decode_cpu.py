@@ -5,6 +5,7 @@
                        projection with the residual added inside the GEMM, RMSNorm (C), the gate|up matmul,
                        SiLU * up (C), the down projection plus the residual: 4 C calls and 4 matmuls per layer
     Linear(w)          one of those matmuls: oneDNN's GEMM on w packed once, torch.mm below PACKED_MIN_ROWS rows
+    layer_weights(model)   the weights as a Decoder holds them (bench/sampler_models.py times the same Linears)
     usable(model)      whether generate decodes `model` with a Decoder: a CPU, fp32, attn "sdpa", the library built
     layer_attention, rms_norm, silu_mul   the C functions on tensors (what the Decoder calls; tests use them)
     library(G, D)      the compiled library for G query heads per KV head and head dim D, or None (see why)
@@ -303,6 +304,23 @@ class Linear:
         return torch.mm(x, self.t) if add is None else torch.addmm(add, x, self.t)
 
 
+def layer_weights(model) -> tuple[list[tuple], Linear]:
+    """The weights as the Decoder runs them: per layer (norm 1, q|k|v, o, norm 2, gate|up, down), the matmuls as
+    Linears on copies (q, k, v and gate, up concatenated: one matmul each), and the output projection's Linear."""
+    w = lambda m: m.weight.detach()  # noqa: E731
+    layers = []
+    for block in model.layers:
+        a, mlp = block.self_attn, block.mlp
+        layers.append((
+            w(block.input_layernorm).contiguous(),
+            Linear(torch.cat([w(a.q_proj), w(a.k_proj), w(a.v_proj)])),  # C -> (H + 2 KVH) D
+            Linear(w(a.o_proj)),  # H D -> C
+            w(block.post_attention_layernorm).contiguous(),
+            Linear(torch.cat([w(mlp.gate_proj), w(mlp.up_proj)])),  # C -> 2F
+            Linear(w(mlp.down_proj))))  # F -> C
+    return layers, Linear(model.output_weight.detach())  # C -> V
+
+
 class Decoder:
     """generate's decode step on a CPU, called as sampler.decode_step is: (model, cache, tokens [B], pos [B],
     kv_len, sharing) -> logits [B, V] (the model argument is ignored: the Decoder holds its own). Rows 0 .. B-1 of
@@ -316,19 +334,8 @@ class Decoder:
             raise RuntimeError(f"decode_cpu: no library for G={self.G}, D={self.D}: {why(self.G, self.D)}")
         self.KVH, self.C, self.F, self.eps = cfg.n_kv_heads, cfg.dim, cfg.ffn_dim, cfg.norm_eps
         self.scale, self.window = 1.0 / math.sqrt(cfg.head_dim), cfg.sliding_window
-        w = lambda m: m.weight.detach()  # noqa: E731
-        self.layers = []
-        for block in model.layers:
-            a, mlp = block.self_attn, block.mlp
-            self.layers.append((
-                w(block.input_layernorm).contiguous(),
-                Linear(torch.cat([w(a.q_proj), w(a.k_proj), w(a.v_proj)])),  # C -> (H + 2 KVH) D
-                Linear(w(a.o_proj)),  # H D -> C
-                w(block.post_attention_layernorm).contiguous(),
-                Linear(torch.cat([w(mlp.gate_proj), w(mlp.up_proj)])),  # C -> 2F
-                Linear(w(mlp.down_proj))))  # F -> C
-        self.embed, self.norm = w(model.embed_tokens), w(model.norm).contiguous()
-        self.out = Linear(model.output_weight.detach())  # C -> V
+        self.layers, self.out = layer_weights(model)
+        self.embed, self.norm = model.embed_tokens.weight.detach(), model.norm.weight.detach().contiguous()
         self.cache = None
         self.buffers: dict[int, tuple[torch.Tensor, ...]] = {}
         self.model = model
