@@ -138,6 +138,8 @@ PIECES = [  # (owner, attribute, piece); the model's pieces run in the prefill (
     (decode_cpu.Linear, "__call__", "linear layers"),  # the Decoder's matmuls (the output projection among them)
     (decode_cpu.Decoder, "__call__", "decode step glue (Python, embedding)"),
     (decode_cpu, "_attend", "decode attention (C: RoPE, cache write, prompt + own keys)"),
+    (decode_cpu.Decoder, "prefill", "prefill glue (Python, embedding)"),
+    (decode_cpu, "_attend_prefill", "prefill attention (C: RoPE, cache write, causal)"),
     (model_py.Transformer, "forward", "output projection"),
     (model_py.Transformer, "hidden", "embedding"),
     (model_py.Transformer, "positions", "positions (RoPE factors, decode bias)"),
@@ -151,6 +153,7 @@ PIECES = [  # (owner, attribute, piece); the model's pieces run in the prefill (
     (model_py.MLP, "forward", "SiLU * up"),
     (sampler_py.Sampling, "pick", "sampling (argmax / top-p, draw)"),
     (sampler_py, "prefill", "prefill glue"),
+    (sampler_py, "prefill_into", "prefill glue"),
     *[(sampler_py.Slots, name, "scheduler (admit, run, step, harvest, compact)")
       for name in ("admit", "run", "step", "harvest", "compact", "sharing")],
     (sampler_py, "generate", "rest (Python between the pieces)"),

@@ -5,6 +5,8 @@
                            the row's own keys, attention over the row's prompt keys and own keys (model.py's
                            apply_rope, KVCache.write and attention_shared)
    rms_norm, silu_mul      RMSNorm; SwiGLU's silu(gate) * up
+   prefill_layer_attention the prefill's: RoPE, the prompt's keys and values written to its prompt slot, causal
+                           attention over them, for a flat batch of prompt tokens
    sample_top_p            the top-p draw of the next token (sampler.nucleus and sampler.sample)
 
    Attention: one token per row b; its G query heads per KV head h attend over the row's prompt keys (prompt slot
@@ -267,6 +269,45 @@ int decode_layer_attention(const float *qkv, const float *cos, const float *sin,
             memcpy(rv + b * rs + h * rh + i * D, row + (KVH * G + KVH + h) * D, sizeof(float) * D);
             attend_task(qt, pk, pv, ps, ph, rk, rv, rs, rh, b, h, prompt[b], plen[b], pos[b], Tp, S, window, scale,
                         s, out + t * G * D, pk_next, pv_next, pn);
+        }
+        free(s);
+    }
+    return failed;
+}
+
+/* The prefill's attention, one layer: N prompt tokens in a flat batch (no padding), token n at position pos[n] of
+   the prompt in prompt slot slot[n], every token of a prompt in the batch. qkv [N, (KVH * G + 2 KVH) * D] as in
+   decode_layer_attention -> out [N, KVH * G * D]. First, for each token and KV head: RoPE on its G query heads
+   (in place in qkv) and its key, the key and value written to the prompt slot at position pos[n]; then each
+   token's queries attend over its prompt's keys 0 .. pos[n] (causal, within the window): attend_task with the
+   prompt's keys as the only keys. model.py's prefill (apply_rope, KVCache.write, causal attention) up to float
+   rounding. Returns 0, or 1 if a scratch line could not be allocated. */
+int prefill_layer_attention(float *qkv, const float *cos, const float *sin, float *pk, float *pv, int64_t ps,
+                            int64_t ph, const int64_t *slot, const int64_t *pos, int64_t N, int64_t KVH, int64_t Tp,
+                            int64_t window, float scale, float *out, int threads) {
+    int failed = 0;
+    const int64_t tasks = N * KVH, width = (KVH * G + 2 * KVH) * D;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t n = t / KVH, h = t % KVH;
+            float *row = qkv + n * width;
+            const float *c = cos + pos[n] * (D / 2), *sn = sin + pos[n] * (D / 2);
+            for (int g = 0; g < G; g++) rope(row + (h * G + g) * D, c, sn);
+            float *k = pk + slot[n] * ps + h * ph + pos[n] * D;
+            memcpy(k, row + (KVH * G + h) * D, sizeof(float) * D);
+            rope(k, c, sn);
+            memcpy(pv + slot[n] * ps + h * ph + pos[n] * D, row + (KVH * G + KVH + h) * D, sizeof(float) * D);
+        }  /* the loop's implicit barrier: every key is written before any query reads it */
+        float *s = malloc(sizeof(float) * G * Tp);
+        if (s == NULL) failed = 1;
+#pragma omp for schedule(static, 4)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (s == NULL) continue;
+            const int64_t n = t / KVH, h = t % KVH;
+            attend_task(qkv + n * width + h * G * D, pk, pv, ps, ph, pk, pv, 0, 0, 0, h, slot[n], pos[n] + 1, pos[n],
+                        Tp, 0, window, scale, s, out + t * G * D, pk, pv, 0);
         }
         free(s);
     }

@@ -4,6 +4,9 @@
                        per layer RMSNorm (C), the q|k|v matmul, RoPE + cache write + attention (C), the output
                        projection with the residual added inside the GEMM, RMSNorm (C), the gate|up matmul,
                        SiLU * up (C), the down projection plus the residual: 4 C calls and 4 matmuls per layer
+    Decoder.prefill    generate's prefill for `model`: a chunk's prompt tokens as one flat batch (no padding), the
+                       same layers with prefill_layer_attention (C: RoPE, keys and values written to the prompt
+                       slots, causal attention over each prompt)
     Linear(w)          one of those matmuls: oneDNN's GEMM on w packed once, torch.mm below PACKED_MIN_ROWS rows
     layer_weights(model)   the weights as a Decoder holds them (bench/sampler_models.py times the same Linears)
     usable(model)      whether generate decodes `model` with a Decoder: a CPU, fp32, attn "sdpa", the library built
@@ -125,6 +128,9 @@ def library(G: int, D: int) -> ctypes.CDLL | None:
                 lib.decode_layer_attention.argtypes = [p, p, p, p, p, i64, i64, p, p, i64, i64, p, p, p,
                                                        i64, i64, i64, i64, i64, f32, p, i32]
                 lib.decode_layer_attention.restype = i32
+                lib.prefill_layer_attention.argtypes = [p, p, p, p, p, i64, i64, p, p, i64, i64, i64, i64, f32, p,
+                                                        i32]
+                lib.prefill_layer_attention.restype = i32
                 lib.rms_norm.argtypes = [p, p, i64, i64, f32, p, i32]
                 lib.rms_norm.restype = None
                 lib.silu_mul.argtypes = [p, i64, i64, p, i32]
@@ -221,6 +227,14 @@ def _attend(lib, qkv, cos, sin, ptrs, idx, KVH, Tp, S, window, scale, out):
     failed = lib.decode_layer_attention(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), *ptrs,
                                         *(t.data_ptr() for t in idx), qkv.shape[0], KVH, Tp, S, window or 0, scale,
                                         out.data_ptr(), torch.get_num_threads())
+    if failed:
+        raise MemoryError("decode_cpu: no memory for the attention scratch lines")
+
+
+def _attend_prefill(lib, qkv, cos, sin, ptrs, slot, pos, KVH, Tp, window, scale, out):
+    failed = lib.prefill_layer_attention(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), *ptrs, slot.data_ptr(),
+                                         pos.data_ptr(), qkv.shape[0], KVH, Tp, window or 0, scale, out.data_ptr(),
+                                         torch.get_num_threads())
     if failed:
         raise MemoryError("decode_cpu: no memory for the attention scratch lines")
 
@@ -354,6 +368,36 @@ class Decoder:
             self.buffers[B] = (torch.empty(B, self.C), torch.empty(B, self.G * self.KVH * self.D),
                                torch.empty(B, self.F))
         return self.buffers[B]
+
+    def prefill(self, cache, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Prompts -> the logits [P, V] of the token after each (sampler.prefill_into's result): prompt i's keys
+        and values go to prompt slot slots[i] of the PrefixCache, positions 0 .. len - 1. The prompts' tokens run
+        as one flat batch, without padding: the same layers as the decode step, the attention causal over each
+        prompt (prefill_layer_attention)."""
+        if cache is not self.cache:
+            self._bind(cache)
+        lens = torch.tensor([len(p) for p in prompts])
+        tokens = torch.tensor([t for p in prompts for t in p])
+        N = len(tokens)
+        start = torch.cumsum(lens, 0) - lens  # each prompt's first token in the flat batch
+        pos = torch.arange(N) - start.repeat_interleave(lens)
+        slot = torch.tensor(slots).repeat_interleave(lens)
+        xn, y, a = torch.empty(N, self.C), torch.empty(N, self.G * self.KVH * self.D), torch.empty(N, self.F)
+        x = self.embed[tokens]  # N, C
+        lib, threads, C, eps = self.lib, torch.get_num_threads(), self.C, self.eps
+        for (n1, qkv_proj, o_proj, n2, gate_up_proj, down_proj), ptrs in zip(self.layers, self.ptrs):
+            lib.rms_norm(x.data_ptr(), n1.data_ptr(), N, C, eps, xn.data_ptr(), threads)
+            qkv = qkv_proj(xn).contiguous()
+            _attend_prefill(lib, qkv, self.cos, self.sin, ptrs[:4], slot, pos, self.KVH, cache.prompts.max_len,
+                            self.window, self.scale, y)
+            x = o_proj(y, add=x)
+            lib.rms_norm(x.data_ptr(), n2.data_ptr(), N, C, eps, xn.data_ptr(), threads)
+            h = gate_up_proj(xn)
+            lib.silu_mul(h.data_ptr(), N, self.F, a.data_ptr(), threads)
+            x = down_proj(a, add=x)
+        last = x[start + lens - 1].contiguous()  # P, C: each prompt's last token
+        lib.rms_norm(last.data_ptr(), self.norm.data_ptr(), len(prompts), C, eps, last.data_ptr(), threads)
+        return self.out(last)  # P, V
 
     def __call__(self, model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int, sharing) -> torch.Tensor:
         if cache is not self.cache:

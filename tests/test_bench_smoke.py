@@ -40,11 +40,12 @@ def test_sampler_breakdown_adds_up():
     total = float(rows.pop("**total**")[1])
     assert abs(sum(float(r[1]) for r in rows.values()) - total) <= 0.001 * len(rows) + 1e-9, rows
     layers, decode_steps = 4, 7  # the shipped model; 8 new tokens, the first drawn from the prefill's logits
-    chunks = int(rows["prefill glue"][0])  # prefill forwards through the model's layers (prompts of similar length)
-    assert 1 <= chunks <= 2
-    # the prefill: q, k, v, o, gate, up, down; a decode step (decode_cpu.Decoder): q|k|v, o, gate|up, down, output
-    assert int(rows["linear layers"][0]) == 7 * layers * chunks + (4 * layers + 1) * decode_steps
+    chunks = int(rows["prefill glue (Python, embedding)"][0])  # Decoder.prefill calls: one flat batch of prompts
+    assert chunks == 1
+    # a prefill or decode step through decode_cpu.Decoder: q|k|v, o, gate|up, down per layer, then the output
+    assert int(rows["linear layers"][0]) == (4 * layers + 1) * (chunks + decode_steps)
     assert int(rows["decode attention (C: RoPE, cache write, prompt + own keys)"][0]) == layers * decode_steps
+    assert int(rows["prefill attention (C: RoPE, cache write, causal)"][0]) == layers * chunks
     assert int(rows["RMSNorm"][0]) == (2 * layers + 1) * (chunks + decode_steps)
     assert int(rows["SiLU * up"][0]) == layers * (chunks + decode_steps)
     assert int(rows["decode step glue (Python, embedding)"][0]) == decode_steps

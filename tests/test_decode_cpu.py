@@ -25,7 +25,7 @@ from minisirev.model import (
     attention_shared,
     rope_tables,
 )
-from minisirev.sampler import decode_step
+from minisirev.sampler import decode_step, prefill_into
 
 needs_cc = pytest.mark.skipif(decode_cpu._compiler() is None, reason="no C compiler on this machine")
 
@@ -153,6 +153,37 @@ def test_decoder_equals_the_models_decode_step(window, rows):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(mine.rows.k, cache.rows.k, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(mine.rows.v, cache.rows.v, atol=1e-5, rtol=1e-4)
+
+
+@needs_cc
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("lens", [[7, 1, 12, 3], [20, 9, 14, 30]])  # 23 tokens: torch.mm's matmuls; 73: oneDNN's
+def test_decoder_prefill_equals_the_models_prefill(window, lens):
+    """Decoder.prefill (one flat batch of the prompts' tokens, the C causal attention) against sampler.prefill_into
+    (the model's padded prefill, attn "ref"): the logits after each prompt, and each prompt's keys and values in its
+    prompt slot (slots given out of order); a slot not named keeps what it held."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in lens]
+    slots = [4, 0, 2, 1]
+    for tie in (True, False):
+        cfg = ModelConfig(vocab_size=50, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64,
+                          sliding_window=window, model_type="mistral" if window else "llama", tie_embeddings=tie)
+        model = Transformer(cfg, attn="ref").init_weights(std=0.2, seed=1).eval()
+        cache = PrefixCache(cfg, 5, max(lens), 3, 4)
+        for t in (cache.prompts.k, cache.prompts.v):
+            t.copy_(torch.randn(t.shape, generator=g))
+        mine = copy.deepcopy(cache)
+        with torch.no_grad():
+            want = prefill_into(model, cache, prompts, slots)
+            model.attn = "sdpa"
+            got = decode_cpu.Decoder(model).prefill(mine, prompts, slots)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        for slot, n in zip(slots, lens):
+            torch.testing.assert_close(mine.prompts.k[:, slot, :, :n], cache.prompts.k[:, slot, :, :n], atol=1e-5,
+                                       rtol=1e-4)
+            torch.testing.assert_close(mine.prompts.v[:, slot, :, :n], cache.prompts.v[:, slot, :, :n], atol=1e-5,
+                                       rtol=1e-4)
+        assert torch.equal(mine.prompts.k[:, 3], cache.prompts.k[:, 3])
 
 
 @pytest.mark.parametrize("B", [1, 7, decode_cpu.PACKED_MIN_ROWS, 100])
