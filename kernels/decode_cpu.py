@@ -287,18 +287,28 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, u: torc
 PACKED_MIN_ROWS = 32  # below this many rows oneDNN's fixed cost per call outweighs its faster GEMM (docs/kernels.md)
 
 
+_PACKED_OK: dict[tuple[int, int], bool] = {}  # (N, K) -> whether oneDNN's packed GEMM matched torch.mm there
+
+
 def _packed(w: torch.Tensor) -> torch.Tensor | None:
     """w [N, K] fp32 in oneDNN's blocked layout for torch.ops.mkldnn._linear_pointwise, or None where this torch
-    has no such op or its result does not match torch.mm's (then torch.mm does the work)."""
+    has no such op or its result does not match torch.mm's (then torch.mm does the work). The match is checked once
+    per shape and process, on a random weight of that shape (what it catches, an op this CPU or build gets wrong,
+    does not depend on the weight's values; checking every weight took a third of a Decoder's set-up)."""
+    shape = tuple(w.shape)
     try:
-        if not torch.backends.mkldnn.is_available():
+        if not torch.backends.mkldnn.is_available() or _PACKED_OK.get(shape) is False:
             return None
         packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 256)
-        x = torch.randn(PACKED_MIN_ROWS, w.shape[1], generator=torch.Generator().manual_seed(0))
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        if shape not in _PACKED_OK:
+            g = torch.Generator().manual_seed(0)
+            wt, x = torch.randn(shape, generator=g), torch.randn(PACKED_MIN_ROWS, shape[1], generator=g)
+            y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(wt, 256), None,
+                                                   "none", [], "")
+            _PACKED_OK[shape] = torch.allclose(y, x @ wt.t(), rtol=1e-4, atol=1e-4 * math.sqrt(shape[1]))
     except (AttributeError, RuntimeError, NotImplementedError):
         return None
-    return packed if torch.allclose(y, x @ w.t(), rtol=1e-4, atol=1e-4) else None
+    return packed if _PACKED_OK[shape] else None
 
 
 class Linear:
