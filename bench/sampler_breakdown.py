@@ -14,6 +14,8 @@ token, plus once over the prompts' tokens (the prefill), timed two ways (F.linea
 GEMM on the Decoder's concatenated weights, decode_cpu.Linear) and taken as the faster. "in the run" beside it is the
 time the same linear layers took inside generate: the gap between the two is cache pollution by everything else.
 The fixed cost of a step is the same generate over one prompt and one sample: what a step costs whatever the rows.
+The prefill alone is timed the two ways generate can run it (decode_cpu.Decoder.prefill's flat batch, the model's
+padded forward) beside its linear layers alone.
 """
 
 import argparse
@@ -89,6 +91,22 @@ sampler_py.generate(model, prompts[:1], **one)
 fixed = statistics.median(wall(lambda: sampler_py.generate(model, prompts[:1], **one)) for _ in range(5)) / 64
 step1 = linears_fn(model, 1)
 fixed_floor = statistics.median(wall(lambda: [step1() for _ in range(64)]) for _ in range(5)) / 64
+
+# the prefill alone, the two ways generate can run it, alternating: the Decoder's flat batch (what it runs here) and
+# the model's padded forward (sampler.prefill_into, one chunk), beside the prefill's linear layers alone
+prefills = {}  # way -> seconds
+if decode_cpu.usable(model):
+    decoder, into = decode_cpu.Decoder(model), sampler_py.prefill_into
+    caches = [model_py.PrefixCache(model.config, len(prompts), max(lens), 1, 1) for _ in range(2)]
+    ways = {"Decoder.prefill": lambda: decoder.prefill(caches[0], prompts, list(range(len(prompts)))),
+            "model (padded)": lambda: into(model, caches[1], prompts, list(range(len(prompts)))),
+            "linear layers alone": linears_fn(model, sum(lens), packed=True)}
+    times = {way: [] for way in ways}
+    with torch.no_grad():
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for way, fn in ways.items():
+                times[way].append(wall(fn))
+    prefills = {way: statistics.median(t[1:]) for way, t in times.items()}
 
 # ---- the timed call -------------------------------------------------------------------------------------------
 own = Counter()  # piece -> exclusive seconds
@@ -194,3 +212,6 @@ print(f"\nlinear layers in the run {own['linear layers'] + own['output projectio
       f"(the output projection row included) against {floor:.3f} s alone")
 print(f"fixed cost of a step (1 prompt, 1 sample, 64 tokens): {fixed * 1e3:.2f} ms; its floor at 1 row "
       f"{fixed_floor * 1e3:.2f} ms; this run's floor step {(floor / M) * 1e3:.2f} ms")
+if prefills:
+    print(f"prefill of the {args.prompts} prompts ({sum(lens):,} tokens), median of {args.repeats} alternating rounds: "
+          + ", ".join(f"{way} {t * 1e3:.1f} ms" for way, t in prefills.items()))
