@@ -112,6 +112,7 @@ settings = EvalSettings(n_test=pick("n_test", "n_test", E.n_test), n_ood=pick("n
                         seed=pick("seed", "seed", E.seed),
                         semantic_questions=pick("semantic_questions", "semantic_questions", E.semantic_questions),
                         semantic_samples=pick("semantic_samples", "semantic_samples", E.semantic_samples))
+cli.tune_allocator()  # glibc: reuse freed memory rather than fault in fresh pages (minisirev/cli.py)
 device = dist.setup(P, cli.resolve_device(P, args.device))  # torchrun: each rank evaluates a share
 attn = cli.default_attn(device, args.attn)
 try:

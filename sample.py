@@ -55,6 +55,7 @@ P = "sample.py"
 cli.check_flags(P, args, {"limit": cli.INT_GE1, "n": cli.INT_GE1, "temperature": cli.NONNEG, "top_p": cli.PROB,
                           "top_k": cli.INT_GE0, "max_new_tokens": cli.INT_GE1, "batch_size": cli.INT_GE1,
                           "max_rows": cli.INT_GE1})
+cli.tune_allocator()  # glibc: reuse freed memory rather than fault in fresh pages (minisirev/cli.py)
 device = dist.setup(P, cli.resolve_device(P, args.device))  # torchrun: each rank samples a share
 try:
     task = get_task(args.task)

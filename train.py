@@ -123,6 +123,7 @@ if args.n_samples < 2 and args.method != "sft":
 
 # -----------------------------------------------------------------------------
 # resolve the run: device, inputs, directory, and a config that must match any earlier run in that directory
+cli.tune_allocator()  # glibc: reuse freed memory rather than fault in fresh pages (minisirev/cli.py)
 device = dist.setup(P, cli.resolve_device(P, args.device))  # under torchrun: this rank's device
 sharded = dist.active()  # training under FSDP2 (sampling and evaluation: a replica per rank)
 dtype = getattr(torch, args.dtype) if args.dtype else torch.float32

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from sampler_models import BASE_MODEL, CONFIGS, linears_fn  # noqa: E402
 
 from kernels import decode_cpu  # noqa: E402
+from minisirev import cli  # noqa: E402
 from minisirev.checkpoint import load_model, save_model  # noqa: E402
 from minisirev.config import ModelConfig  # noqa: E402
 from minisirev.model import Transformer  # noqa: E402
@@ -83,6 +84,7 @@ parser.add_argument("--note", default="", help="a line added to the results file
 args = parser.parse_args()
 
 torch.set_num_threads(args.threads)
+tuned = cli.tune_allocator()  # as train.py, sample.py and eval.py do: both sides and the floor run with it
 device = torch.device(args.device)
 dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 compile = None if args.compile is None else args.compile == "on"
@@ -268,7 +270,8 @@ lines = [
     "",
     f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}"
     + (f" ({threads} threads, load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())})"
-       if threads else ""),
+       if threads else "")
+    + ("; glibc malloc tuned as the scripts tune it (minisirev.cli.tune_allocator)" if tuned else ""),
     f"{dtype}, our attention `{Transformer.default_attn(device) if args.attn is None else args.attn}` (prefill), "
     f"HF attention `sdpa`; no EOS; sampled = temperature 1, top-p {args.top_p}, no top-k (both sides); median of "
     f"{args.repeats} alternating rounds after a warm-up, prefill included; ratios are medians of per-round ratios.",

@@ -37,6 +37,7 @@ from sampler_models import BASE_MODEL, CONFIGS, linears_fn  # noqa: E402
 import minisirev.model as model_py  # noqa: E402
 import minisirev.sampler as sampler_py  # noqa: E402
 from kernels import decode_cpu  # noqa: E402
+from minisirev import cli  # noqa: E402
 from minisirev.checkpoint import load_model  # noqa: E402
 from minisirev.config import ModelConfig  # noqa: E402
 from minisirev.model import Transformer  # noqa: E402
@@ -56,6 +57,7 @@ if min(args.prompts, args.n, args.repeats, args.threads) < 1 or args.max_new_tok
     parser.error("--prompts, --n, --repeats and --threads must be at least 1, --max-new-tokens at least 2 "
                  "(the first token is drawn from the prefill, the decode steps come after)")
 torch.set_num_threads(args.threads)
+tuned = cli.tune_allocator()  # as train.py, sample.py and eval.py do
 
 if CONFIGS[args.config] is None:
     model = load_model(BASE_MODEL)
@@ -197,7 +199,8 @@ cpu = device_name(torch.device("cpu"))
 print(f"# Where generate's time goes: `{args.config}` ({model.num_params() / 1e6:.2f}M parameters), "
       f"{args.prompts} prompts x {args.n} = {R} rows, {M} new tokens, {'sampled' if args.sampled else 'greedy'}\n")
 print(f"`python bench/sampler_breakdown.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + f" on {cpu}, "
-      f"{args.threads} threads, torch {torch.__version__}, "
+      f"{args.threads} threads{', glibc malloc tuned (minisirev.cli.tune_allocator)' if tuned else ''}, "
+      f"torch {torch.__version__}, "
       f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n")
 print(f"decode step: {decode_cpu.path_for(model)}")
 print(f"generate: {plain:.3f} s without timers, {total:.3f} s with them ({R * M / plain:,.0f} tokens/s)")

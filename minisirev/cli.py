@@ -1,10 +1,12 @@
-"""What the three scripts share on the command line: flag checks, the device and attention defaults, and the
-one-line error. A user mistake is refused before anything runs: one line naming the flag, the value and what is
-allowed, exit status 2, nothing created or touched."""
+"""What the three scripts share on the command line: flag checks, the device and attention defaults, the memory
+allocator's settings, and the one-line error. A user mistake is refused before anything runs: one line naming the
+flag, the value and what is allowed, exit status 2, nothing created or touched."""
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -46,6 +48,33 @@ def resolve_device(prog: str, flag: str | None) -> torch.device:
     elif device.type != "cpu":
         fail(prog, f"--device {flag}: only cpu and cuda are supported")
     return device
+
+
+ALLOCATOR_KEEP = 256 * 2**20  # bytes of freed heap memory glibc keeps for reuse instead of returning them
+ALLOCATOR_HEAP_MAX = 32 * 2**20  # blocks up to this size come from the heap (glibc's largest allowed setting)
+
+
+def tune_allocator() -> bool:
+    """Where the C library is glibc: serve blocks up to ALLOCATOR_HEAP_MAX from the heap and keep up to
+    ALLOCATOR_KEEP of freed memory there (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), so that the sampler's and
+    the training loop's tensors of a few MB, allocated and freed every step, reuse memory instead of mapping fresh
+    pages: each fresh 4 KB page is a page fault on first touch. glibc's own thresholds adapt to a block's size
+    when it is freed, but the heap is trimmed back as soon as more than twice that is free at its top, so the same
+    memory goes back and forth. On the 2-core CPU, `sample.py` on 200 questions x 64 samples took 1.15M page faults
+    and 2.8 s of system time with glibc's defaults, 0.55M and 1.3 s with these (wall 13.2-13.9 s against 10.6-11.4
+    s). The process keeps up to ALLOCATOR_KEEP more memory than it uses. Left alone where the environment sets
+    glibc's malloc tunables itself (GLIBC_TUNABLES, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_) and where the
+    C library has no mallopt. -> whether it tuned."""
+    if any(k in os.environ for k in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+        gnu = ctypes.CDLL(None).gnu_get_libc_version  # glibc only: musl's mallopt does nothing
+    except (AttributeError, OSError):
+        return False
+    del gnu
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, ALLOCATOR_HEAP_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, ALLOCATOR_KEEP))
 
 
 def default_attn(device: torch.device, flag: str | None) -> str:

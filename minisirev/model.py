@@ -92,10 +92,14 @@ class KVCache:
     causal mask never lets a query see a key after its own position, so rows can be reused without clearing.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32):
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32,
+                 zeroed: bool = True):
+        """zeroed=False leaves the memory as allocated (for a reader that only reads what was written: the CPU
+        decode step; untouched pages then cost nothing)."""
         shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        new = torch.zeros if zeroed else torch.empty
+        self.k = new(shape, device=device, dtype=dtype)
+        self.v = new(shape, device=device, dtype=dtype)
         self.max_len = max_len
 
     def write_index(self, pos: torch.Tensor, T: int) -> torch.Tensor:
@@ -130,9 +134,9 @@ class PrefixCache:
     once instead of n times."""
 
     def __init__(self, config: ModelConfig, prompt_slots: int, prompt_len: int, rows: int, max_new: int, *,
-                 device=None, dtype=torch.float32):
-        self.prompts = KVCache(config, prompt_slots, prompt_len, device=device, dtype=dtype)
-        self.rows = KVCache(config, rows, max_new, device=device, dtype=dtype)
+                 device=None, dtype=torch.float32, zeroed: bool = True):
+        self.prompts = KVCache(config, prompt_slots, prompt_len, device=device, dtype=dtype, zeroed=zeroed)
+        self.rows = KVCache(config, rows, max_new, device=device, dtype=dtype, zeroed=zeroed)
 
 
 @dataclass

@@ -83,6 +83,7 @@ PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward (the Decoder'
 PREFILL_PADDING = 1.25  # ... and at most this many times its prompts' own tokens (prefill of 32 x 18-62: 1.7x faster)
 CPU_MEMORY_BUDGET = 4 * 2**30  # default bytes for cache + per-row work on a CPU (on CUDA: 80% of free memory)
 COMPACT_IDLE = 1 / 4  # with the queue empty, the busy rows move down once this fraction of the decoded slots idles
+COMPACT_CHUNK_BYTES = 16 * 2**20  # ... moved this many bytes of keys (and as many of values) at a time
 SORT_KEYS_FROM = 256  # sort_desc sorts int64 keys from this many columns on
 NUCLEUS_PREFILTER = 1 / 64  # top-p first looks among tokens of probability >= this (at most 64 of them)
 NUCLEUS_WIDE = 64  # ... then, in rows where those fall short of p, among the row's 64 most probable tokens
@@ -405,7 +406,7 @@ class Slots:
         self.device = dev
         w = self.model.embed_tokens.weight
         self.cache = PrefixCache(self.model.config, self.prompt_slots, max(map(len, self.prompts)), R, self.rows_len,
-                                 device=dev, dtype=w.dtype)
+                                 device=dev, dtype=w.dtype, zeroed=getattr(self.step_fn, "needs_zeroed_cache", True))
         zeros = [torch.zeros(R, dtype=torch.long, device=dev) for _ in range(6)]
         self.cur, self.pos, self.n_gen, self.stream, self.prompt, self.prompt_len = zeros
         self.done = torch.ones(R, dtype=torch.bool, device=dev)
@@ -564,8 +565,12 @@ class Slots:
         dst = torch.arange(len(busy), device=self.device)
         S = max(self.host_ngen[s] for s in busy)
         rows = self.cache.rows
-        rows.k[:, dst, :, :S] = rows.k[:, src, :, :S]  # the right side is gathered before the write
-        rows.v[:, dst, :, :S] = rows.v[:, src, :, :S]
+        row_bytes = rows.k[:, 0, :, :S].numel() * rows.k.element_size()
+        step = max(1, COMPACT_CHUNK_BYTES // row_bytes)
+        for i in range(0, len(busy), step):  # chunk by chunk in slot order: dst[i] = i <= src[i], so a chunk's
+            s_i, d_i = src[i:i + step], dst[i:i + step]  # writes land below every later chunk's rows (the right
+            rows.k[:, d_i, :, :S] = rows.k[:, s_i, :, :S]  # side is gathered before the write), and the gathered
+            rows.v[:, d_i, :, :S] = rows.v[:, s_i, :, :S]  # copy stays small (one of the whole cache is GBs)
         for t in (self.cur, self.pos, self.n_gen, self.done, self.stream, self.prompt, self.prompt_len,
                   self.out_tok, self.out_lp):
             if t is not None:

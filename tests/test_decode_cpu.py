@@ -25,7 +25,7 @@ from minisirev.model import (
     attention_shared,
     rope_tables,
 )
-from minisirev.sampler import decode_step, prefill_into
+from minisirev.sampler import decode_step, generate, prefill_into
 
 needs_cc = pytest.mark.skipif(decode_cpu._compiler() is None, reason="no C compiler on this machine")
 
@@ -184,6 +184,35 @@ def test_decoder_prefill_equals_the_models_prefill(window, lens):
             torch.testing.assert_close(mine.prompts.v[:, slot, :, :n], cache.prompts.v[:, slot, :, :n], atol=1e-5,
                                        rtol=1e-4)
         assert torch.equal(mine.prompts.k[:, 3], cache.prompts.k[:, 3])
+
+
+@needs_cc
+def test_decoder_reads_only_cache_entries_it_wrote(monkeypatch):
+    """generate gives the Decoder an unzeroed cache (needs_zeroed_cache False). With every torch.empty filled with
+    NaN (-1 for integers) instead, a run with stop tokens, slot refills, prompt slots reused by other prompts and
+    tail compaction gives the tokens and log-probs of a run on a zeroed cache: one NaN read anywhere would spread
+    through the softmax into the logits."""
+    cfg = ModelConfig(vocab_size=61, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128,
+                      bos_id=1, eos_id=2)
+    model = Transformer(cfg, attn="sdpa").init_weights(std=0.1, seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 61, (n,), generator=g).tolist() for n in (3, 8, 5, 2, 7, 4, 6, 9)]
+    kw = dict(n=3, max_new_tokens=12, temperature=1.0, top_p=0.9, stop_ids=[5, 9, 17], seed=3, max_batch_rows=7,
+              sync_every=2, return_logprobs=True)
+    monkeypatch.setattr(decode_cpu.Decoder, "needs_zeroed_cache", True)
+    want = generate(model, prompts, **kw)
+    monkeypatch.setattr(decode_cpu.Decoder, "needs_zeroed_cache", False)
+    empty = torch.empty
+
+    def garbage(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+    monkeypatch.setattr(torch, "empty", garbage)
+    got = generate(model, prompts, **kw)
+    monkeypatch.setattr(torch, "empty", empty)
+    assert got == want
+    lengths = [len(o) for outs in got[0] for o in outs]
+    assert min(lengths) < 12 and max(lengths) == 12  # rows stopped early and others ran to the end
 
 
 @pytest.mark.parametrize("B", [1, 7, decode_cpu.PACKED_MIN_ROWS, 100])

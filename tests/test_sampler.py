@@ -352,9 +352,13 @@ def test_stop_ids_may_name_none(model):
     assert generate(model, prompts, max_new_tokens=6, stop_ids=(None, 5)) == want
 
 
-def test_tail_compaction_keeps_outputs(model, monkeypatch):
-    """Rows that stop early leave idle slots at the end of a run; the busy ones move down and decode on unchanged."""
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # one gathered copy; one row at a time
+def test_tail_compaction_keeps_outputs(model, monkeypatch, chunk_bytes):
+    """Rows that stop early leave idle slots at the end of a run; the busy ones move down and decode on unchanged
+    (their keys moved in one chunk, or chunk by chunk)."""
     from minisirev import sampler
+    if chunk_bytes is not None:
+        monkeypatch.setattr(sampler, "COMPACT_CHUNK_BYTES", chunk_bytes)
     moved = []
     compact = sampler.Slots.compact
     monkeypatch.setattr(sampler.Slots, "compact", lambda self: moved.append(compact(self)) or moved[-1])

@@ -225,3 +225,17 @@ def test_train_stops_on_a_harness_error_with_one_line(tmp_path, monkeypatch, cap
     assert len(lines) == 1 and "Traceback" not in err
     assert not list(out.rglob("*.jsonl")) or all(p.name.endswith(".partial") or p.name == "log.jsonl"
                                                   for p in out.rglob("*.jsonl"))
+
+
+def test_tune_allocator_sets_glibc_thresholds_unless_the_environment_does(monkeypatch):
+    """The scripts' allocator settings (minisirev.cli.tune_allocator): applied through mallopt where the C library
+    is glibc, left alone where the environment sets glibc's malloc tunables itself."""
+    import ctypes
+
+    from minisirev import cli
+    for name in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    glibc = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    assert cli.tune_allocator() is glibc
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert cli.tune_allocator() is False
