@@ -27,7 +27,7 @@ which on a CPU was 1.4-3x slower at these sizes). On a CPU in fp32 with the sdpa
 kernels/decode_cpu's Decoder instead (plain_decode_step): the same layers with C between torch's matmuls, four calls
 per layer instead of about 150 tensor operations, and the top-p draw in C (Sampling.draw_top_p); its prefill
 (Decoder.prefill) runs a chunk's prompt tokens as one flat batch without padding, through the same packed matmuls
-and a causal C attention, writing the prompt slots directly (on the 2-core CPU 3.5-4x faster than the model's
+and a causal C attention, writing the prompt slots directly (on the 2-core CPU 3.3-4x faster than the model's
 padded prefill for 32 prompts of 16-64 tokens on the 10M model of bench/). Every `sync_every`
 steps the host reads the finished flags (the one host synchronisation; stopping needs it), harvests finished rows,
 frees the prompt slot of a prompt whose last sample finished, and refills free row slots. A row that finishes
