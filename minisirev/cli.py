@@ -60,21 +60,23 @@ def tune_allocator() -> bool:
     the training loop's tensors of a few MB, allocated and freed every step, reuse memory instead of mapping fresh
     pages: each fresh 4 KB page is a page fault on first touch. glibc's own thresholds adapt to a block's size
     when it is freed, but the heap is trimmed back as soon as more than twice that is free at its top, so the same
-    memory goes back and forth. On the 2-core CPU, `sample.py` on 200 questions x 64 samples took 1.15M page faults
-    and 2.8 s of system time with glibc's defaults, 0.55M and 1.3 s with these (wall 13.2-13.9 s against 10.6-11.4
-    s). The process keeps up to ALLOCATOR_KEEP more memory than it uses. Left alone where the environment sets
-    glibc's malloc tunables itself (GLIBC_TUNABLES, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_) and where the
-    C library has no mallopt. -> whether it tuned."""
+    memory goes back and forth. On the 2-core CPU, 2026-12-03, `sample.py` on 200 questions x 64 samples (the
+    default run's evaluation workload), alternating runs: 0.89-1.15M page faults and 2.4-3.0 s of system time with
+    glibc's defaults, 0.55M and 1.5-1.7 s with these, wall 14.7-16.2 s against 13.4-13.9 s. The process keeps up to
+    ALLOCATOR_KEEP more memory than it uses. Left alone where the environment sets glibc's malloc tunables itself
+    (GLIBC_TUNABLES, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_) and where the C library is not glibc (musl's
+    mallopt does nothing). -> whether it tuned."""
     if any(k in os.environ for k in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
         return False
     try:
-        mallopt = ctypes.CDLL(None).mallopt
-        gnu = ctypes.CDLL(None).gnu_get_libc_version  # glibc only: musl's mallopt does nothing
-    except (AttributeError, OSError):
+        libc = ctypes.CDLL(None)
+    except OSError:
         return False
-    del gnu
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, ALLOCATOR_HEAP_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, ALLOCATOR_KEEP))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, ALLOCATOR_HEAP_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
+                                                                                          ALLOCATOR_KEEP))
 
 
 def default_attn(device: torch.device, flag: str | None) -> str:
