@@ -402,21 +402,27 @@ class Decoder:
         pos = torch.arange(N) - start.repeat_interleave(lens)
         slot = torch.tensor(slots).repeat_interleave(lens)
         xn, y, a = torch.empty(N, self.C), torch.empty(N, self.G * self.KVH * self.D), torch.empty(N, self.F)
-        x = self.embed[tokens]  # N, C
-        lib, threads, C, eps = self.lib, torch.get_num_threads(), self.C, self.eps
-        for (n1, qkv_proj, o_proj, n2, gate_up_proj, down_proj), ptrs in zip(self.layers, self.ptrs):
-            lib.rms_norm(x.data_ptr(), n1.data_ptr(), N, C, eps, xn.data_ptr(), threads)
-            qkv = qkv_proj(xn).contiguous()
-            _attend_prefill(lib, qkv, self.cos, self.sin, ptrs[:4], slot, pos, self.KVH, cache.prompts.max_len,
-                            self.window, self.scale, y)
-            x = o_proj(y, add=x)
-            lib.rms_norm(x.data_ptr(), n2.data_ptr(), N, C, eps, xn.data_ptr(), threads)
-            h = gate_up_proj(xn)
-            lib.silu_mul(h.data_ptr(), N, self.F, a.data_ptr(), threads)
-            x = down_proj(a, add=x)
+        x = self._layers(self.embed[tokens], xn, y, a, lambda qkv, ptrs: _attend_prefill(
+            self.lib, qkv, self.cos, self.sin, ptrs[:4], slot, pos, self.KVH, cache.prompts.max_len, self.window,
+            self.scale, y))
         last = x[start + lens - 1].contiguous()  # P, C: each prompt's last token
-        lib.rms_norm(last.data_ptr(), self.norm.data_ptr(), len(prompts), C, eps, last.data_ptr(), threads)
+        self.lib.rms_norm(last.data_ptr(), self.norm.data_ptr(), len(prompts), self.C, self.eps, last.data_ptr(),
+                          torch.get_num_threads())
         return self.out(last)  # P, V
+
+    def _layers(self, x: torch.Tensor, xn: torch.Tensor, y: torch.Tensor, a: torch.Tensor, attend) -> torch.Tensor:
+        """The residual stream x [B, C] through every layer -> x after the last (before the final norm). xn, y, a:
+        buffers for the normed stream, the attention's output and SiLU * up; attend(qkv, layer pointers) writes y."""
+        lib, threads, B, C, eps = self.lib, torch.get_num_threads(), x.shape[0], self.C, self.eps
+        for (n1, qkv_proj, o_proj, n2, gate_up_proj, down_proj), ptrs in zip(self.layers, self.ptrs):
+            lib.rms_norm(x.data_ptr(), n1.data_ptr(), B, C, eps, xn.data_ptr(), threads)
+            attend(qkv_proj(xn), ptrs)
+            x = o_proj(y, add=x)  # x + attention's output projection, in the matmul
+            lib.rms_norm(x.data_ptr(), n2.data_ptr(), B, C, eps, xn.data_ptr(), threads)
+            h = gate_up_proj(xn)
+            lib.silu_mul(h.data_ptr(), B, self.F, a.data_ptr(), threads)
+            x = down_proj(a, add=x)  # x + the MLP's down projection
+        return x
 
     def __call__(self, model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int, sharing) -> torch.Tensor:
         if cache is not self.cache:
@@ -424,17 +430,10 @@ class Decoder:
         B = tokens.shape[0]
         x, xn, y, a = self._buffers(B)
         torch.index_select(self.embed, 0, tokens, out=x)  # B, C: the residual stream
-        lib, threads, C, eps = self.lib, torch.get_num_threads(), self.C, self.eps
         idx = [_long(t[:B]) for t in (sharing.prompt, sharing.prompt_len, pos)]
-        for (n1, qkv_proj, o_proj, n2, gate_up_proj, down_proj), ptrs in zip(self.layers, self.ptrs):
-            lib.rms_norm(x.data_ptr(), n1.data_ptr(), B, C, eps, xn.data_ptr(), threads)
-            qkv = qkv_proj(xn)
-            _attend(lib, qkv, self.cos, self.sin, ptrs, idx, self.KVH, sharing.prompt_keys, kv_len, self.window,
-                    self.scale, y)
-            x = o_proj(y, add=x)  # x + attention's output projection, in the matmul
-            lib.rms_norm(x.data_ptr(), n2.data_ptr(), B, C, eps, xn.data_ptr(), threads)
-            h = gate_up_proj(xn)
-            lib.silu_mul(h.data_ptr(), B, self.F, a.data_ptr(), threads)
-            x = down_proj(a, add=x)  # x + the MLP's down projection
-        lib.rms_norm(x.data_ptr(), self.norm.data_ptr(), B, C, eps, xn.data_ptr(), threads)
+        x = self._layers(x, xn, y, a, lambda qkv, ptrs: _attend(
+            self.lib, qkv, self.cos, self.sin, ptrs, idx, self.KVH, sharing.prompt_keys, kv_len, self.window,
+            self.scale, y))
+        self.lib.rms_norm(x.data_ptr(), self.norm.data_ptr(), B, self.C, self.eps, xn.data_ptr(),
+                          torch.get_num_threads())
         return self.out(xn)  # B, V
