@@ -7,7 +7,7 @@
     Decoder.prefill    generate's prefill for `model`: a chunk's prompt tokens as one flat batch (no padding), the
                        same layers with prefill_layer_attention (C: RoPE, keys and values written to the prompt
                        slots, causal attention over each prompt)
-    Linear(w)          one of those matmuls: oneDNN's GEMM on w packed once, torch.mm below PACKED_MIN_ROWS rows
+    Linear(w)          one of those matmuls (kernels/packed_linear.py): oneDNN's GEMM on w packed once
     layer_weights(model)   the weights as a Decoder holds them (bench/sampler_models.py times the same Linears)
     usable(model)      whether generate decodes `model` with a Decoder: a CPU, fp32, attn "sdpa", the library built
     layer_attention, rms_norm, silu_mul   the C functions on tensors (what the Decoder calls; tests use them)
@@ -17,11 +17,10 @@
 The Decoder holds a copy of each layer's q, k, v weights concatenated (and gate, up): one matmul each instead of
 three and two. It is built once per generate call (the weights cannot change during one).
 
-Its matmuls are `Linear`s: oneDNN's GEMM on weights packed once into oneDNN's blocked layout where torch ships
-oneDNN (torch.ops.mkldnn, the ops torch's own CPU compiler uses for frozen linear layers), torch.mm where it does not
-or where the batch is under PACKED_MIN_ROWS rows. On the 2-core AMD EPYC (Zen 5) of bench/results/ the packed GEMM
-runs 1.9-2.8x faster than torch.mm (MKL) at 256 rows, and within float rounding of it; its fixed cost per call
-(about 13 us against 3-4 us) makes torch.mm the faster below about 32 rows.
+Its matmuls are kernels/packed_linear.py's `Linear`s: oneDNN's GEMM on weights packed once into oneDNN's blocked
+layout where torch ships oneDNN, torch.mm where it does not or where the batch is under PACKED_MIN_ROWS rows. On the
+2-core AMD EPYC (Zen 5) of bench/results/ the packed GEMM runs 1.9-2.8x faster than torch.mm (MKL) at 256 rows,
+and within float rounding of it.
 
 The C source is compiled with the system's C compiler ($CC, else cc, gcc or clang) once per (G, D) and per machine:
 `-O3 -march=native -fopenmp`, falling back to fewer flags where one is refused (no OpenMP: one thread). The shared
@@ -49,6 +48,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from kernels.packed_linear import Linear, packed
 
 SOURCE = Path(__file__).with_name("decode_cpu.c")
 FLAG_SETS = (  # tried in order: the first that compiles is used
@@ -173,8 +174,8 @@ def usable(model) -> bool:
 def path_for(model) -> str:
     """Which decode step generate runs for `model` (for benchmark tables)."""
     if usable(model):
-        packed = _packed(model.output_weight.detach()) is not None
-        return ("kernels/decode_cpu.c between " + ("oneDNN packed" if packed else "torch") +
+        onednn = packed(model.output_weight) is not None
+        return ("kernels/decode_cpu.c between " + ("oneDNN packed" if onednn else "torch") +
                 " matmuls (decode_cpu.Decoder)")
     reason = why(*_group(model))
     return "the model's torch layers" + (f" (kernels/decode_cpu.c unavailable: {reason})" if reason else "")
@@ -283,50 +284,6 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, u: torc
 
 
 # ---- the decode step ------------------------------------------------------------------------------------------
-
-PACKED_MIN_ROWS = 32  # below this many rows oneDNN's fixed cost per call outweighs its faster GEMM (docs/kernels.md)
-
-
-_PACKED_OK: dict[tuple[int, int], bool] = {}  # (N, K) -> whether oneDNN's packed GEMM matched torch.mm there
-
-
-def _packed(w: torch.Tensor) -> torch.Tensor | None:
-    """w [N, K] fp32 in oneDNN's blocked layout for torch.ops.mkldnn._linear_pointwise, or None where this torch
-    has no such op or its result does not match torch.mm's (then torch.mm does the work). The match is checked once
-    per shape and process, on a random weight of that shape (what it catches, an op this CPU or build gets wrong,
-    does not depend on the weight's values; checking every weight took a third of a Decoder's set-up)."""
-    shape = tuple(w.shape)
-    try:
-        if not torch.backends.mkldnn.is_available() or _PACKED_OK.get(shape) is False:
-            return None
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 256)
-        if shape not in _PACKED_OK:
-            g = torch.Generator().manual_seed(0)
-            wt, x = torch.randn(shape, generator=g), torch.randn(PACKED_MIN_ROWS, shape[1], generator=g)
-            y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(wt, 256), None,
-                                                   "none", [], "")
-            _PACKED_OK[shape] = torch.allclose(y, x @ wt.t(), rtol=1e-4, atol=1e-4 * math.sqrt(shape[1]))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return None
-    return packed if _PACKED_OK[shape] else None
-
-
-class Linear:
-    """x [B, K] -> x w^T [B, N] (plus `add` [B, N] when given: the residual, added inside the GEMM), on a weight
-    w [N, K] fixed for the Linear's life: oneDNN's packed GEMM from PACKED_MIN_ROWS rows where it is had, else
-    torch.mm. Each row's result does not depend on the others (oneDNN's per-row results are the same at any B)."""
-
-    def __init__(self, w: torch.Tensor):
-        self.t = w.t()  # K, N: torch.mm's operand
-        self.packed = _packed(w)
-
-    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
-            if add is None:
-                return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-            return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, None, "add")
-        return torch.mm(x, self.t) if add is None else torch.addmm(add, x, self.t)
-
 
 def layer_weights(model) -> tuple[list[tuple], Linear]:
     """The weights as the Decoder runs them: per layer (norm 1, q|k|v, o, norm 2, gate|up, down), the matmuls as

@@ -74,6 +74,7 @@ class Block(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(C, C) for _ in range(4))
         self.ln1 = nn.LayerNorm(C, eps=eps)
         self.fc1 = nn.Linear(C, cfg.intermediate_size)
+        self.act = nn.GELU(approximate="none")  # exact (erf) GELU
         self.fc2 = nn.Linear(cfg.intermediate_size, C)
         self.ln2 = nn.LayerNorm(C, eps=eps)
 
@@ -85,7 +86,7 @@ class Block(nn.Module):
         att = (q @ k.transpose(-2, -1)) / math.sqrt(D) + bias  # [B, H, T, T]; bias [B, 1, 1, T] masks padding
         y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C)  # [B, H, T, D] -> [B, T, C]
         x = self.ln1(x + self.o(y))
-        return self.ln2(x + self.fc2(F.gelu(self.fc1(x), approximate="none")))
+        return self.ln2(x + self.fc2(self.act(self.fc1(x))))
 
 
 class MiniLM(nn.Module):
@@ -147,16 +148,32 @@ def hf_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def pack_for_cpu(model: MiniLM) -> MiniLM:
+    """`model` for inference on a CPU, in place: its linear layers on oneDNN's GEMM with the weights packed once
+    (kernels/packed_linear.py; about twice torch's fp32 GEMM on the AMD EPYC of bench/results/), each block's fc1
+    and GELU in one call. Within float rounding of the unpacked model; unchanged where torch has no oneDNN."""
+    from kernels.packed_linear import PackedLinear, pack_linears
+
+    for blk in model.blocks:
+        fused = PackedLinear(blk.fc1, gelu=True)
+        if fused.linear.packed is not None:
+            blk.fc1, blk.act = fused, nn.Identity()
+    pack_linears(model)
+    return model
+
+
 class Encoder:
     """all-MiniLM-L6-v2 sentence encoder: `encode(texts) -> [N, 384]` L2-normalised float32 embeddings."""
 
     def __init__(self, model: MiniLM, tokenizer, *, max_seq_length: int = 256, source: str = "",
                  device: str | torch.device = "cpu"):
         self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            pack_for_cpu(self.model)
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.source = source  # where the weights were found, for the report
-        self.device = torch.device(device)
         self.tokenizer.enable_truncation(max_length=max_seq_length)
         pad = tokenizer.token_to_id("[PAD]")
         self.tokenizer.enable_padding(pad_id=0 if pad is None else pad, pad_token="[PAD]")  # to the longest

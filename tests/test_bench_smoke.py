@@ -49,3 +49,18 @@ def test_sampler_breakdown_adds_up():
     assert int(rows["RMSNorm"][0]) == (2 * layers + 1) * (chunks + decode_steps)
     assert int(rows["SiLU * up"][0]) == layers * (chunks + decode_steps)
     assert int(rows["decode step glue (Python, embedding)"][0]) == decode_steps
+
+
+def test_encoder_bench_smoke(tmp_path):
+    """bench/encoder.py end to end on 64 texts: both encoders timed, their embeddings compared (it exits non-zero
+    past 1e-5), the table written."""
+    out = tmp_path / "encoder.md"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "encoder.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if "no all-MiniLM-L6-v2 weights" in res.stderr:
+        pytest.skip(res.stderr.strip())
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| linear layers")]
+    assert [r[0] for r in rows] == ["oneDNN packed (ours)", "F.linear"]
+    assert all(float(r[1]) > 0 and float(r[3].replace(",", "")) > 0 for r in rows), rows

@@ -1,7 +1,7 @@
 """kernels/decode_cpu.c against its PyTorch twins in model.py: the layer attention (RoPE, cache write,
 attention_shared) on ragged prompts, idle rows, windows and GQA shapes; RMSNorm and SiLU * up; the whole Decoder step
-against sampler.decode_step; its matmuls (decode_cpu.Linear) against fp64; a row's result independent of the other
-rows; the build cache; the fallback when no compiler works (generate then gives the torch path's tokens). The
+against sampler.decode_step (its matmuls are tested in tests/test_packed_linear.py); a row's result independent of
+the other rows; the build cache; the fallback when no compiler works (generate then gives the torch path's tokens). The
 sampler's guarantees with the C step in the decode are in tests/test_sampler.py (its tests run with attn="sdpa",
 which uses it, as well as "ref", which does not)."""
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import decode_cpu
+from kernels.packed_linear import PACKED_MIN_ROWS
 from minisirev.config import ModelConfig
 from minisirev.model import (
     Positions,
@@ -134,7 +135,7 @@ def test_rms_norm_and_silu_mul_equal_the_model():
 
 @needs_cc
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("rows", [9, decode_cpu.PACKED_MIN_ROWS + 8])  # torch.mm's matmuls, oneDNN's
+@pytest.mark.parametrize("rows", [9, PACKED_MIN_ROWS + 8])  # torch.mm's matmuls, oneDNN's
 def test_decoder_equals_the_models_decode_step(window, rows):
     """The whole step: Decoder's logits and cache writes against sampler.decode_step through the model's layers
     (attn "ref": the torch path), on every layer of a 3-layer model with GQA and tied or untied output."""
@@ -213,42 +214,6 @@ def test_decoder_reads_only_cache_entries_it_wrote(monkeypatch):
     assert got == want
     lengths = [len(o) for outs in got[0] for o in outs]
     assert min(lengths) < 12 and max(lengths) == 12  # rows stopped early and others ran to the end
-
-
-@pytest.mark.parametrize("B", [1, 7, decode_cpu.PACKED_MIN_ROWS, 100])
-def test_linear_equals_a_matmul(B):
-    """decode_cpu.Linear against x @ w^T in fp64, with and without the residual added, on both sides of
-    PACKED_MIN_ROWS (oneDNN's packed GEMM where this torch has it, torch.mm below)."""
-    g = torch.Generator().manual_seed(B)
-    w, x, add = torch.randn(72, 136, generator=g), torch.randn(B, 136, generator=g), torch.randn(B, 72, generator=g)
-    lin = decode_cpu.Linear(w)
-    assert lin.packed is not None or not torch.backends.mkldnn.is_available()
-    want = x.double() @ w.double().t()
-    torch.testing.assert_close(lin(x).double(), want, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(lin(x, add=add).double(), want + add.double(), atol=1e-4, rtol=1e-5)
-
-
-def test_linear_rows_do_not_depend_on_the_batch():
-    """Bit for bit from PACKED_MIN_ROWS rows up: the first rows of a batch give what they give alone, so a sample
-    does not depend on which other rows share its step (the sampler's guarantee)."""
-    g = torch.Generator().manual_seed(0)
-    lin = decode_cpu.Linear(torch.randn(200, 96, generator=g))
-    x, add = torch.randn(300, 96, generator=g), torch.randn(300, 200, generator=g)
-    full, full_add = lin(x), lin(x, add=add)
-    for B in (decode_cpu.PACKED_MIN_ROWS, 61, 257):
-        assert torch.equal(lin(x[:B]), full[:B])
-        assert torch.equal(lin(x[:B], add=add[:B]), full_add[:B])
-
-
-def test_linear_without_onednn_uses_torch_mm(monkeypatch):
-    """Where packing is not had (no oneDNN, or its result off), Linear is torch.mm / torch.addmm exactly."""
-    monkeypatch.setattr(decode_cpu, "_packed", lambda w: None)
-    g = torch.Generator().manual_seed(1)
-    w, x, add = torch.randn(40, 64, generator=g), torch.randn(50, 64, generator=g), torch.randn(50, 40, generator=g)
-    lin = decode_cpu.Linear(w)
-    assert lin.packed is None
-    assert torch.equal(lin(x), torch.mm(x, w.t()))
-    assert torch.equal(lin(x, add=add), torch.addmm(add, x, w.t()))
 
 
 @needs_cc
