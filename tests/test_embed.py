@@ -73,7 +73,11 @@ def test_random_tiny_bert_matches_transformers():
         m = mask[..., None].float()
         want = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
         got = ours(ids, mask)
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        packed = embed.pack_for_cpu(ours)  # what load_encoder runs on a CPU: oneDNN's GEMM, fc1 + GELU fused
+        if torch.backends.mkldnn.is_available():
+            assert all(type(b.fc1).__name__ == "PackedLinear" and b.fc1.linear.gelu for b in packed.blocks)
+        torch.testing.assert_close(packed(ids, mask), want, atol=ATOL, rtol=0)
 
 
 def test_missing_weights_raise_encoder_unavailable(tmp_path, monkeypatch):

@@ -92,3 +92,15 @@ def test_pack_linears_without_onednn_leaves_the_module(monkeypatch):
     monkeypatch.setattr(packed_linear, "packed", lambda w: None)
     net = nn.Sequential(nn.Linear(8, 8))
     assert pack_linears(net) == 0 and isinstance(net[0], nn.Linear)
+
+
+@pytest.mark.parametrize("B", [3, PACKED_MIN_ROWS + 5])
+def test_fused_gelu_equals_gelu_after_the_matmul(B):
+    """gelu=True: the exact (erf) GELU of x w^T + b, inside oneDNN's GEMM where packed, F.gelu after torch.mm below."""
+    g = torch.Generator().manual_seed(B)
+    w, b, x = torch.randn(64, 48, generator=g), torch.randn(64, generator=g), torch.randn(B, 48, generator=g)
+    lin = Linear(w, b, gelu=True)
+    want = torch.nn.functional.gelu(x.double() @ w.double().t() + b.double())
+    torch.testing.assert_close(lin(x).double(), want, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="GELU"):
+        lin(x, add=torch.zeros(B, 64))
