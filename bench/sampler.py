@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from sampler_models import BASE_MODEL, CONFIGS, linears_fn  # noqa: E402
 
+import kernels  # noqa: E402
 from kernels import decode_cpu  # noqa: E402
 from minisirev import cli  # noqa: E402
 from minisirev.checkpoint import load_model, save_model  # noqa: E402
@@ -114,6 +115,8 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(timed(fn) for _ in range(repeats))
 
 
+if kernels.hub_kernels_clash():  # transformers >= 5.25 would fail to import beside our kernels/
+    sys.exit(f"bench/sampler.py: {kernels.hub_kernels_clash()}")
 import transformers  # noqa: E402
 
 
