@@ -7,7 +7,7 @@
                                 piped into sha256sum, so anyone can check a checkpoint directory with coreutils
     git_commit()                {"commit", "dirty"} of the kit's own checkout, or None (not a checkout, no git)
     package_versions()          installed versions of the packages results depend on (None: not installed)
-    device_name(device)         the GPU's name for a CUDA device, else the CPU model
+    device_name(device)         the GPU's name for a CUDA device, else the CPU model and vector extension
     iteration_provenance(...)   one iteration's record: hashed files, verifier, seeds, sampling, code, environment
     check_provenance(rec, cur)  the differences between a recorded and a current record, one line each
 
@@ -83,14 +83,26 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
     return out
 
 
-def _cpu_model() -> str:
+def _cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and its widest vector extension, e.g. "AMD EPYC (AVX2)": a hypervisor often shows only
+    a vendor and family name, and machines of one name then differ by twice in fp32 throughput (AVX-512 or not).
+    cpuinfo: the text of /proc/cpuinfo (default: read it; none on macOS or Windows)."""
+    name, flags = "", set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key == "model name" and not name:
+            name = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sve", "SVE"), ("asimd", "NEON"))
+                if flag in flags), None)
+    return f"{name} ({isa})" if isa else name
 
 
 def device_name(device: Any = None) -> str:

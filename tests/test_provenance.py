@@ -115,3 +115,15 @@ def test_iteration_provenance_and_check(tmp_path):
 def test_device_name():
     assert provenance.device_name() == provenance.device_name("cpu") and provenance.device_name("cpu")
     assert provenance.device_name("cuda:7")  # a name or a one-line reason, never an exception
+
+
+def test_cpu_name_names_the_vector_extension():
+    # two machines a hypervisor names alike: the widest vector extension tells them apart
+    info = "processor\t: {i}\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2{extra} fma\n\n"
+    zen3 = "".join(info.format(i=i, extra="") for i in range(2))
+    zen5 = "".join(info.format(i=i, extra=" avx512f avx512bw") for i in range(2))
+    assert provenance._cpu_model(zen3) == "AMD EPYC (AVX2)"
+    assert provenance._cpu_model(zen5) == "AMD EPYC (AVX-512)"
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes\n"  # aarch64 Linux: no model name line
+    assert provenance._cpu_model(arm).endswith("(NEON)")
+    assert provenance._cpu_model("") and "(" not in provenance._cpu_model("model name : Some CPU\n")
