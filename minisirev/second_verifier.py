@@ -17,6 +17,7 @@ elsewhere the timeout is off.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -52,6 +53,13 @@ def gold_text(task_name: str, ex: dict) -> str:
     return "$" + ex["answer"].rsplit("####", 1)[-1].strip() + "$"
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(text: str, timeout: int | None) -> Any:
+    """math-verify's parse of a gold answer, once per process: every iteration judges the same test and OOD
+    records (parse returns a list of SymPy objects and strings that verify only reads)."""
+    return _math_verify().parse(text, parsing_timeout=timeout)
+
+
 def _check_task(task_name: str) -> None:
     if task_name not in MATH_TASKS:
         raise ValueError(f"the second verifier applies to {', '.join(MATH_TASKS)}, not to task {task_name!r}")
@@ -66,20 +74,19 @@ def _judge(task_name: str, records: Sequence[dict], texts: Sequence[str]) -> tup
     if mv is None:
         return None
     timeout = TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-    golds: dict[int, Any] = {}
     verdicts, parsed = [], []
     for ex, text in zip(records, texts):
-        if id(ex) not in golds:
-            golds[id(ex)] = mv.parse(gold_text(task_name, ex), parsing_timeout=timeout)
+        gold = _parse_gold(gold_text(task_name, ex), timeout)
         parsed.append(mv.parse(text, parsing_timeout=timeout))
-        verdicts.append(bool(mv.verify(golds[id(ex)], parsed[-1], timeout_seconds=timeout)))
+        verdicts.append(bool(mv.verify(gold, parsed[-1], timeout_seconds=timeout)))
     return verdicts, parsed
 
 
 def second_opinion(task_name: str, records: Sequence[dict], texts: Sequence[str]) -> list[bool] | None:
     """math-verify's verdict on each completion texts[i] of records[i]; None when math-verify is not installed.
 
-    Records may repeat (n samples of one question): each distinct record's gold answer is parsed once.
+    Records may repeat (n samples of one question), and later calls judge the same records again: each distinct
+    gold answer is parsed once per process.
     """
     judged = _judge(task_name, records, texts)
     return None if judged is None else judged[0]

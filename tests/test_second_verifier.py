@@ -88,3 +88,19 @@ def test_compare_verifiers_shows_a_disagreement():
     assert e["id"] == "arith-test-00001" and e["gold"] == "5" and e["ours_answer"] == "4"
     assert e["theirs_answer"] == "5" and e["ours"] is False and e["theirs"] is True
     json.dumps(got, allow_nan=False)
+
+
+def test_gold_answers_are_parsed_once_per_process(monkeypatch):
+    mv = pytest.importorskip("math_verify")
+    recs = _records("gsm8k")
+    golds = {sv.gold_text("gsm8k", r) for r in recs}
+    seen = []
+    real_parse = mv.parse
+    monkeypatch.setattr(mv, "parse", lambda text, **kw: seen.append(text) or real_parse(text, **kw))
+    sv._parse_gold.cache_clear()
+    texts = [r["answer"] for r in recs]
+    first = sv.second_opinion("gsm8k", recs + recs, texts + texts)  # each record twice: n samples of a question
+    again = sv.second_opinion("gsm8k", recs, texts)  # the next iteration judges the same records
+    assert first == [True] * (2 * len(recs)) and again == [True] * len(recs)
+    assert sorted(t for t in seen if t in golds) == sorted(golds)  # each gold once, over both calls
+    assert sum(t not in golds for t in seen) == 3 * len(recs)  # every completion parsed, on every call
