@@ -17,7 +17,8 @@ generated token, plus the prefill's linear layers over the prompts' tokens:
 On a CPU in fp32 the linear layers are timed two ways (bench/sampler_models.linears_fn) and the floor of a round is
 the faster: F.linear on each layer's weight (torch's GEMM, MKL) and oneDNN's GEMM on packed weights with q|k|v and
 gate|up concatenated (decode_cpu.Linear, what our decode step runs). On the AMD EPYC (Zen 5) of bench/results/ the
-second is about twice as fast at 256 rows, so it is the floor there; both columns are printed.
+second is about twice as fast at 256 rows, so it is the floor there (on the AVX2 machine the two are within
+10-20%); both columns are printed.
 HF, ours and the floors run alternately, `--repeats` times after a warm-up; the table gives median wall times and
 the median of the per-round ratios (the machine may be shared: ratios taken within a round cancel its load), and the
 same ratios in CPU seconds of the process (time.process_time), which on a shared machine leave out time spent
