@@ -116,8 +116,8 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(timed(fn) for _ in range(repeats))
 
 
-if kernels.hub_kernels_clash():  # transformers >= 5.25 would fail to import beside our kernels/
-    sys.exit(f"bench/sampler.py: {kernels.hub_kernels_clash()}")
+if clash := kernels.hub_kernels_clash():  # transformers >= 5.25 would fail to import beside our kernels/
+    sys.exit(f"bench/sampler.py: {clash}")
 import transformers  # noqa: E402
 
 
