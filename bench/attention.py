@@ -22,7 +22,7 @@ fits in memory); gradients are checked against ours. Results: a markdown table p
 bench/results/attention_<gpu>.md / .png, with the chosen autotune configs.
 
     python bench/attention.py                     # every sweep
-    python bench/attention.py --sweeps seqlen     # one sweep (seqlen, gqa, headdim, window, kvlens, decode)
+    python bench/attention.py --sweeps seqlen     # one sweep (or several: seqlen-gqa4, gqa, headdim, window, ...)
     python bench/attention.py --smoke             # tiny shapes under the Triton interpreter, CPU (tests use it)
 """
 
@@ -39,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 # ---- what to run ----
-parser.add_argument("--sweeps", nargs="*", default=["seqlen", "gqa", "headdim", "window", "kvlens", "decode"],
-                    help="which sweeps: seqlen, gqa, headdim, window, kvlens, decode")
+parser.add_argument("--sweeps", nargs="*",
+                    default=["seqlen", "seqlen-gqa4", "gqa", "headdim", "window", "kvlens", "decode"],
+                    help="which sweeps: seqlen (MHA), seqlen-gqa4 (4 query heads per KV head), gqa, headdim, window, "
+                         "kvlens, decode")
 parser.add_argument("--modes", nargs="*", default=["fwd", "bwd", "fwd+bwd"], help="fwd, bwd, fwd+bwd (not decode)")
 parser.add_argument("--providers", nargs="*", default=["ours", "sdpa-flash", "sdpa-cudnn", "flex", "flash-attn",
                                                        "naive"], help="which implementations")
@@ -87,7 +89,8 @@ def case(T, D=128, G=1, S=None, window=None, kv_frac=None, tokens=TOKENS, dim=MO
 
 if args.smoke:
     SWEEPS = {
-        "seqlen": ("T", [(47, case(47, D=32, G=2))]),
+        "seqlen": ("T", [(47, case(47, D=32))]),
+        "seqlen-gqa4": ("T", [(47, case(47, D=32, G=4, dim=128))]),
         "gqa": ("G", [(2, case(32, D=32, G=2))]),
         "headdim": ("D", [(16, case(32, D=16))]),
         "window": ("W", [(20, case(48, D=32, window=20))]),
@@ -97,6 +100,7 @@ if args.smoke:
 else:
     SWEEPS = {
         "seqlen": ("T", [(T, case(T)) for T in (512, 1024, 2048, 4096, 8192, 16384)]),
+        "seqlen-gqa4": ("T", [(T, case(T, G=4)) for T in (1024, 2048, 4096, 8192, 16384)]),  # Llama 3's 4:1
         "gqa": ("G = H / KVH", [(G, case(4096, G=G)) for G in (1, 2, 4, 8, 16)]),
         "headdim": ("D", [(D, case(4096, D=D)) for D in (32, 64, 128, 256)]),
         "window": ("W", [(W, case(16384, window=W)) for W in (512, 1024, 2048, 4096, 8192)]),

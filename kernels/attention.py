@@ -71,6 +71,9 @@ _FWD_CONFIGS += _configs(list(_FP32_FWD))
 _DKDV_CONFIGS = _configs([(32, 32, 4, 2), (16, 64, 4, 1)])
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)])
 _DECODE_BLOCK_N, _DECODE_STAGES = 64, 3
+# The GPU candidates by kernel, kept when the interpreter swaps in its own below: the tests force each one in turn.
+GPU_CONFIGS = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
+FP32_FWD_TILES = set(_FP32_FWD)  # (BLOCK_M, BLOCK_N, warps, stages) of the forward configs meant for fp32 inputs
 
 # ---- interpreter shims (TRITON_INTERPRET=1, the CPU test suite); nothing below this block depends on the mode ----
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

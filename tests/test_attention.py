@@ -228,6 +228,42 @@ def test_autotune_key_separates_gqa_ratio_and_query_and_key_lengths():
     assert (common["G"], common["LOG2_T"], common["LOG2_S"]) == (4, 10, 16)
 
 
+def _forced_cases():
+    """(kernel, config, dtype) for every GPU autotune candidate: the forward's fp32 tiles with fp32 inputs, its
+    other tiles and every dK/dV and dQ tile with the 16-bit dtypes (both on a GPU, bf16 alone in the interpreter,
+    which ignores warps and stages and runs fp16 and bf16 through the same widened dots), and on a GPU fp32."""
+    sixteen = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.bfloat16]
+    for kind, configs in attn_mod.GPU_CONFIGS.items():
+        for cfg in configs:
+            tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+            fp32_tile = kind == "fwd" and tile in attn_mod.FP32_FWD_TILES
+            wide = [torch.float32] if kind != "fwd" and DEVICE == "cuda" else []  # dK/dV and dQ take fp32 too
+            dtypes = [torch.float32] if fp32_tile else sixteen + wide
+            name = "{}x{}-w{}-s{}".format(*tile)
+            for dtype in dtypes:
+                yield pytest.param(kind, cfg, dtype, id=f"{kind}-{name}-{str(dtype).removeprefix('torch.')}")
+
+
+@pytest.mark.parametrize("kind,cfg,dtype", list(_forced_cases()))
+def test_every_gpu_autotune_config_matches_reference(kind, cfg, dtype, monkeypatch):
+    """Autotuning picks one config per shape, so most candidates would never run in the other tests: each is
+    forced here (the kernel's candidate list narrowed to it) on a GQA causal problem whose T crosses several
+    128-row tiles and ends ragged, forward and all three gradients against the twin. T = 300 and D = 128 on a
+    GPU (the model's head dim, the register-heaviest); T = 150 and D = 64 in the interpreter, where the tiles'
+    logic is the same and time is short."""
+    kernel = {"fwd": attn_mod._attn_fwd_kernel, "dkdv": attn_mod._attn_bwd_dkdv_kernel,
+              "dq": attn_mod._attn_bwd_dq_kernel}[kind]
+    monkeypatch.setattr(kernel, "configs", [cfg])
+    monkeypatch.setattr(kernel, "cache", {})
+    shape = (1, 4, 2, 300, 300, 128) if DEVICE == "cuda" else (1, 2, 1, 150, 150, 64)
+    q, k, v, do = make_inputs(*shape, dtype, seed=7)
+    ours = forward_backward(flash_attention, q, k, v, do)
+    ref = forward_backward(flash_attention_ref, *(x.float() for x in (q, k, v)), do.float())
+    atol, rtol, _ = TOLERANCES[dtype]
+    assert_all_close(ours, ref, atol, rtol)
+    assert kernel.best_config is cfg  # the forced config is the one that ran
+
+
 def test_window_and_non_causal_are_refused():
     q = torch.randn(1, 1, 4, 16, device=DEVICE)
     with pytest.raises(AssertionError, match="causal"):
