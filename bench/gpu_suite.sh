@@ -22,7 +22,7 @@ TAR=""
 PY=${PYTHON:-python3}
 
 # name | seconds | command (run with bash -c from the repo root)
-XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
 STEPS=(
   "env|30|nvidia-smi; $PY -c 'import torch, triton, sys; print(sys.version); print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), torch.version.cuda)'; $PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|transformers|liger|math|pytest)'"
   "tests|200|$PY -m pytest -p no:cacheprovider -q $XDIST --timeout 180 -rfE tests/test_attention.py tests/test_dpo_kernel.py tests/test_model.py tests/test_losses.py tests/test_sampler.py"

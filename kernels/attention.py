@@ -69,8 +69,11 @@ _FP32_FWD = {(64, 16, 4, 1): 128, (64, 32, 4, 2): 64, (128, 32, 8, 2): 64}
 _WINDOW_MAX_TILE = 128 * 64
 _FWD_CONFIGS += _configs(list(_FP32_FWD))
 _DKDV_CONFIGS = _configs([(32, 32, 4, 2), (16, 64, 4, 1)])
-_DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)])
+_DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 2)])
 _DECODE_BLOCK_N, _DECODE_STAGES = 64, 3
+_MAX_TILE_ROWS = 128  # the most rows (BLOCK_M or BLOCK_N) any tile has: see Addressing
+assert all(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= _MAX_TILE_ROWS
+           for c in _FWD_CONFIGS + _DKDV_CONFIGS + _DQ_CONFIGS)
 # The GPU candidates by kernel, kept when the interpreter swaps in its own below: the tests force each one in turn.
 GPU_CONFIGS = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 FP32_FWD_TILES = set(_FP32_FWD)  # (BLOCK_M, BLOCK_N, warps, stages) of the forward configs meant for fp32 inputs
@@ -95,31 +98,34 @@ def _pruner(resident_m: int, resident_n: int, streamed_m: int, streamed_n: int, 
     `resident_*` tiles of BLOCK_M / BLOCK_N rows stay for the whole program, `streamed_*` ones are pipelined
     num_stages deep; D=256 keeps tiles at most 64 x 64 and a window at most _WINDOW_MAX_TILE scores (register
     pressure). With `fp32_configs` ({(BLOCK_M, BLOCK_N, warps, stages): largest BLOCK_D}), fp32 inputs get exactly
-    those (within their head dims) and 16-bit inputs all the others."""
+    those (within their head dims) and 16-bit inputs all the others. `prune.keeps(config, esize, block_d,
+    windowed)` is the rule for one config (the tests ask it which dtypes each config serves)."""
+    def keeps(c, esize, block_d, windowed) -> bool:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if fp32_configs is not None:
+            max_d = fp32_configs.get((bm, bn, c.num_warps, c.num_stages))
+            if (esize == 4) != (max_d is not None) or (max_d is not None and block_d > max_d):
+                return False
+        rows = resident_m * bm + resident_n * bn + c.num_stages * (streamed_m * bm + streamed_n * bn)
+        if esize * block_d * rows > 200 * 1024 or (block_d >= 256 and bm * bn > 64 * 64):
+            return False
+        return not (windowed and bm * bn > _WINDOW_MAX_TILE)
+
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         windowed = kwargs.get("HAS_WINDOW", named_args.get("HAS_WINDOW"))
         q = named_args.get("Q")
         esize = q.element_size() if hasattr(q, "element_size") else 2
-        kept = []
-        for c in configs:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            if fp32_configs is not None:
-                max_d = fp32_configs.get((bm, bn, c.num_warps, c.num_stages))
-                if (esize == 4) != (max_d is not None) or (max_d is not None and block_d > max_d):
-                    continue
-            rows = resident_m * bm + resident_n * bn + c.num_stages * (streamed_m * bm + streamed_n * bn)
-            if esize * block_d * rows > 200 * 1024 or (block_d >= 256 and bm * bn > 64 * 64):
-                continue
-            if not (windowed and bm * bn > _WINDOW_MAX_TILE):
-                kept.append(c)
-        return kept or configs[-1:]
+        return [c for c in configs if keeps(c, esize, block_d, windowed)] or configs[-1:]
+    prune.keeps = keeps
     return prune
 
 
 _FWD_PRUNE = {"early_config_prune": _pruner(1, 0, 0, 2, _FP32_FWD)}  # Q resident; K, V streamed
 _DKDV_PRUNE = {"early_config_prune": _pruner(0, 2, 2, 0)}  # K, V resident; Q, dO streamed
-_DQ_PRUNE = {"early_config_prune": _pruner(2, 0, 0, 2)}  # Q, dO resident; K, V streamed
+# Q, dO resident; K streamed in two layouts (K for dS K, K^T for Q K^T) and V: 3 tiles a stage. Counting 2 let
+# the one fp32 D = 128 candidate through at 196 KB where Triton needs 256 KB (a GPU run of the tests caught it).
+_DQ_PRUNE = {"early_config_prune": _pruner(2, 0, 0, 3)}
 
 # One tuning per (head dim, masking flags, GQA ratio G, power-of-two buckets of T and of S): dK/dV's work per
 # program grows with G, and a short prefill against a long cache (T << S) wants other tiles than T = S.
@@ -159,7 +165,8 @@ def _visible(q_pos, key, kv_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.co
 # Addressing. A tensor row r of a [.., rows, D] operand sits at base + r * stride_row. Program bases (batch, head)
 # are int64; so is the tile's first row, start * stride_row, advanced once per tile as a scalar, because
 # T * H * D reaches 2^31 (T = 256k at H * D = 8192) and an int32 product would wrap. Offsets inside a tile
-# (< BLOCK rows) stay int32 and loop-invariant.
+# (< _MAX_TILE_ROWS rows) stay int32 and loop-invariant: the launchers copy an operand whose row stride would make
+# them wrap (stride * _MAX_TILE_ROWS >= 2^31, never a model's layout), a case the first GPU run of the tests caught.
 
 # ---- forward -------------------------------------------------------------------------------------------------
 
@@ -549,8 +556,10 @@ def _decode_reduce_kernel(O_PART, LSE_PART, Out, num_splits,
 
 # ---- launchers -----------------------------------------------------------------------------------------------
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _addressable(x: torch.Tensor) -> torch.Tensor:
+    """x itself where the kernels can address it, else a contiguous copy: the last dim must be contiguous, and a
+    tile's in-tile offsets (row < _MAX_TILE_ROWS times the row stride, in int32; see Addressing) must not wrap."""
+    return x if x.stride(-1) == 1 and x.stride(-2) * _MAX_TILE_ROWS < 2**31 else x.contiguous()
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -615,7 +624,7 @@ def _attn_bwd(do, q, k, v, o, lse, causal, window, sm_scale, kv_lens):
     B, H, T, D = q.shape
     KVH = k.shape[1]
     common = _common(q, k, window, kv_lens)
-    do = _last_dim_contiguous(do)
+    do = _addressable(do)
     delta = _alloc((B, H, T), dtype=torch.float32, device=q.device)
     _attn_bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, _strides(o), _strides(do), H, T,
                                                              HEAD_D=D, BLOCK_D=common["BLOCK_D"], BLOCK_M=64,
@@ -661,7 +670,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     q, k, v = _autocast(q, k, v)
     _check_inputs(q, k, v, window, kv_lens)
     assert window is None or causal, "a sliding window needs causal=True (Mistral's semantics)"
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    q, k, v = (_addressable(x) for x in (q, k, v))
     if kv_lens is not None:
         kv_lens = kv_lens.to(torch.int32).contiguous()
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
@@ -693,7 +702,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     B, H, T, D = q.shape
     KVH, S = k_cache.shape[1], k_cache.shape[2]
     G = H // KVH
-    q, k_cache, v_cache = (_last_dim_contiguous(x) for x in (q, k_cache, v_cache))
+    q, k_cache, v_cache = (_addressable(x) for x in (q, k_cache, v_cache))
     kv_lens = kv_lens.to(torch.int32).contiguous()
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     block_m = max(16, min(64, triton.next_power_of_2(G * T)))

@@ -386,14 +386,23 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
-    def rope(self, positions: torch.Tensor, max_pos: int, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] (all < max_pos) -> cos, sin [B, 1, T, D/2], looked up in a table built once per device
-        and grown to the next power of two when a longer sequence comes (not a buffer: it stays fp32 and out of
-        the state dict). full=True: apply_rope's full-width factors [B, 1, T, D] (rotation_tables)."""
+    def rope_table(self, max_pos: int, device) -> tuple[torch.Tensor, ...]:
+        """(cos, sin, cos_full, sin_full) for positions < max_pos at least: built once per device and grown to the
+        next power of two when a longer sequence comes (not a buffer: it stays fp32 and out of the state dict).
+        The sampler builds it before a compiled decode step runs, so that no CUDA graph owns it."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" names the current device, as tensors do
+            device = torch.device("cuda", torch.cuda.current_device())
         table = getattr(self, "_rope_table", None)
-        if table is None or table[0].device != positions.device or table[0].shape[0] < max_pos:
-            cos, sin = rope_tables(self.config, max(256, 1 << (max_pos - 1).bit_length()), positions.device)
+        if table is None or table[0].device != device or table[0].shape[0] < max_pos:
+            cos, sin = rope_tables(self.config, max(256, 1 << (max_pos - 1).bit_length()), device)
             self._rope_table = table = (cos, sin, *rotation_tables(cos, sin))
+        return table
+
+    def rope(self, positions: torch.Tensor, max_pos: int, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] (all < max_pos) -> cos, sin [B, 1, T, D/2] from rope_table; full=True: apply_rope's
+        full-width factors [B, 1, T, D] (rotation_tables)."""
+        table = self.rope_table(max_pos, positions.device)
         cos, sin = table[2:] if full else table[:2]
         return cos[positions][:, None], sin[positions][:, None]
 

@@ -652,6 +652,9 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     if compile and device.type == "cuda":
         for t in (slots.cache.prompts.k, slots.cache.prompts.v, slots.cache.rows.k, slots.cache.rows.v):
             torch._dynamo.mark_static_address(t)
+    # the RoPE table, built here rather than inside the first compiled step (a tensor made inside a CUDA graph is
+    # that graph's output, overwritten by its next replay: the first GPU run failed so)
+    model.rope_table(slots.cache.prompts.max_len + slots.cache.rows.max_len, device)
 
     reported = harvested = 0
     while True:
@@ -666,6 +669,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
             warnings.warn(f"generate: the compiled decode step failed ({type(e).__name__}: {e}); "
                           "decoding with the plain step", stacklevel=2)
             slots.step_fn, slots.static = plain_decode_step(model), False  # the steps so far stand; harvest reads them
+            model.__dict__.pop("_rope_table", None)  # in case the failed graph owned it
         for p, j, toks, lps, m in slots.harvest():
             result[p][j] = toks
             if return_logprobs:

@@ -180,11 +180,14 @@ def test_decode_clamps_kv_lens_to_the_cache():
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
 
 
-def test_offsets_past_2_31_elements():
+@pytest.mark.parametrize("T,row", [(300, 2**23), (40, 2**26)], ids=["tile-bases", "in-tile"])
+def test_offsets_past_2_31_elements(T, row):
     """Row offsets t * stride_t above 2^31 elements (as T * H * D is at T = 256k, H * D = 8192) must not wrap in
-    int32: q, k, v are [1, 1, 40, 16] views with a row stride of 2^26 elements into one fp16 buffer of 2.6e9
-    elements (5 GB of address space, of which only the 40 rows touched get memory), so rows >= 32 sit past 2^31."""
-    T, D, row = 40, 16, 2**26
+    int32: q, k, v are [1, 1, T, 16] views with a huge row stride into one fp16 buffer of ~2.5e9 elements (5 GB of
+    address space, of which only the T rows touched get memory). 300 rows of 2^23: rows >= 256 sit past 2^31, in
+    tiles whose first row the kernels address in int64. 40 rows of 2^26: even offsets inside one 128-row tile
+    would wrap in int32, so the launcher copies (the first GPU run hit an illegal address here)."""
+    D = 16
     buf = torch.empty((T - 1) * row + 3 * D, dtype=torch.float16, device=DEVICE)
     q, k, v = (buf.as_strided((1, 1, T, D), (0, 0, row, 1), storage_offset=i * D) for i in range(3))
     small = make_inputs(1, 1, 1, T, T, D, torch.float16, seed=5)
@@ -228,34 +231,40 @@ def test_autotune_key_separates_gqa_ratio_and_query_and_key_lengths():
     assert (common["G"], common["LOG2_T"], common["LOG2_S"]) == (4, 10, 16)
 
 
+PRUNERS = {"fwd": attn_mod._FWD_PRUNE, "dkdv": attn_mod._DKDV_PRUNE, "dq": attn_mod._DQ_PRUNE}
+
+
 def _forced_cases():
-    """(kernel, config, dtype) for every GPU autotune candidate: the forward's fp32 tiles with fp32 inputs, its
-    other tiles and every dK/dV and dQ tile with the 16-bit dtypes (both on a GPU, bf16 alone in the interpreter,
-    which ignores warps and stages and runs fp16 and bf16 through the same widened dots), and on a GPU fp32."""
-    sixteen = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.bfloat16]
+    """(kernel, config, dtype) for every GPU autotune candidate and every dtype the pruner gives it at D = 128 (the
+    forward's fp32 tiles serve fp32 alone, its others the 16-bit dtypes; dK/dV and dQ tiles serve any dtype
+    whose tiles fit in shared memory). In the interpreter, which ignores warps and stages and runs fp16 and bf16
+    through the same widened dots: bf16, and fp32 for the forward's fp32 tiles."""
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if DEVICE == "cuda" else [torch.bfloat16,
+                                                                                       torch.float32]
     for kind, configs in attn_mod.GPU_CONFIGS.items():
+        keeps = PRUNERS[kind]["early_config_prune"].keeps
         for cfg in configs:
             tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
-            fp32_tile = kind == "fwd" and tile in attn_mod.FP32_FWD_TILES
-            wide = [torch.float32] if kind != "fwd" and DEVICE == "cuda" else []  # dK/dV and dQ take fp32 too
-            dtypes = [torch.float32] if fp32_tile else sixteen + wide
             name = "{}x{}-w{}-s{}".format(*tile)
-            for dtype in dtypes:
-                yield pytest.param(kind, cfg, dtype, id=f"{kind}-{name}-{str(dtype).removeprefix('torch.')}")
+            for dtype in dtypes:  # those the pruner lets this config serve, at the largest model head dim it can
+                D = next((D for D in (128, 64) if keeps(cfg, dtype.itemsize, D, False)), None)
+                if D is None or (DEVICE != "cuda" and dtype == torch.float32 and kind != "fwd"):
+                    continue  # the interpreter: one dtype per dK/dV, dQ config is enough for the tile logic
+                yield pytest.param(kind, cfg, dtype, D, id=f"{kind}-{name}-{str(dtype).removeprefix('torch.')}-d{D}")
 
 
-@pytest.mark.parametrize("kind,cfg,dtype", list(_forced_cases()))
-def test_every_gpu_autotune_config_matches_reference(kind, cfg, dtype, monkeypatch):
+@pytest.mark.parametrize("kind,cfg,dtype,D", list(_forced_cases()))
+def test_every_gpu_autotune_config_matches_reference(kind, cfg, dtype, D, monkeypatch):
     """Autotuning picks one config per shape, so most candidates would never run in the other tests: each is
     forced here (the kernel's candidate list narrowed to it) on a GQA causal problem whose T crosses several
-    128-row tiles and ends ragged, forward and all three gradients against the twin. T = 300 and D = 128 on a
-    GPU (the model's head dim, the register-heaviest); T = 150 and D = 64 in the interpreter, where the tiles'
-    logic is the same and time is short."""
+    128-row tiles and ends ragged, forward and all three gradients against the twin. On a GPU T = 300 and D = 128
+    (the model's head dim, the register-heaviest) or 64 for the fp32 tiles made for it; in the interpreter T = 150
+    and D = 64, where the tiles' logic is the same and time is short."""
     kernel = {"fwd": attn_mod._attn_fwd_kernel, "dkdv": attn_mod._attn_bwd_dkdv_kernel,
               "dq": attn_mod._attn_bwd_dq_kernel}[kind]
     monkeypatch.setattr(kernel, "configs", [cfg])
     monkeypatch.setattr(kernel, "cache", {})
-    shape = (1, 4, 2, 300, 300, 128) if DEVICE == "cuda" else (1, 2, 1, 150, 150, 64)
+    shape = (1, 4, 2, 300, 300, D) if DEVICE == "cuda" else (1, 2, 1, 150, 150, 64)
     q, k, v, do = make_inputs(*shape, dtype, seed=7)
     ours = forward_backward(flash_attention, q, k, v, do)
     ref = forward_backward(flash_attention_ref, *(x.float() for x in (q, k, v)), do.float())
