@@ -45,6 +45,7 @@ class Row:
     fp_fusion: bool  # the enable_fp_fusion option the launch compiled with
     aligned: list[str]  # arguments specialised as multiples of 16 (pointers 16-byte aligned), which vectorise
     compile_s: float
+    shared: int = 0  # bytes of shared memory a program needs (a launch fails above the chip's 227 KB)
 
 
 def _tool(name: str) -> str:
@@ -108,8 +109,8 @@ def compile_instead_of_launch(arch: int, rows: list[Row], case: str):
         if any((r.case, r.kernel, r.config, r.aligned) == (case, self.__name__, config, aligned) for r in rows):
             return  # the same compilation again (the log-prob kernels run once per logits tile)
 
-        rows.append(Row(case, self.__name__, config, regs, stack,
-                        spills, loop_spills, options.enable_fp_fusion, aligned, round(time.time() - t0, 1)))
+        rows.append(Row(case, self.__name__, config, regs, stack, spills, loop_spills, options.enable_fp_fusion,
+                        aligned, round(time.time() - t0, 1), kernel.metadata.shared))
 
     def autotune_run(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
@@ -176,6 +177,8 @@ def model_cases(full: bool = False):
         for dtype in train_dtypes:
             for window in (None, 256):  # Llama, and Mistral's sliding window (a third masked key loop)
                 yield f"train {names[dtype]} D={D} causal" + (" window" if window else ""), train(dtype, D, window)
+        if D == 128:  # fp32 gradients (flash_attention on fp32 tensors): the largest shared-memory footprints
+            yield "train fp32 D=128 causal window", train(torch.float32, D, 256)
         yield f"prefill fp32 D={D} kv_lens", prefill(D, None)
         yield f"decode fp32 D={D}", decode(torch.float32, D, None)
         if D == 128 or full:
@@ -220,11 +223,11 @@ def main():
             print(json.dumps(dataclasses.asdict(r)))
         print(json.dumps({"autotune_configs": autotune_configs()}))
         return
-    print("| case | kernel | config | regs | stack B | STL/LDL | in loops | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| case | kernel | config | regs | stack B | STL/LDL | in loops | shared KB | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.case} | {r.kernel} | {r.config} | {r.regs} | {r.stack} | {r.spill_instrs} | "
-              f"{r.loop_spill_instrs} | {r.compile_s} |")
+              f"{r.loop_spill_instrs} | {r.shared / 1024:.0f} | {r.compile_s} |")
 
 
 if __name__ == "__main__":

@@ -181,13 +181,19 @@ def test_decode_clamps_kv_lens_to_the_cache():
 
 
 @pytest.mark.parametrize("T,row", [(300, 2**23), (40, 2**26)], ids=["tile-bases", "in-tile"])
-def test_offsets_past_2_31_elements(T, row):
+def test_offsets_past_2_31_elements(T, row, monkeypatch):
     """Row offsets t * stride_t above 2^31 elements (as T * H * D is at T = 256k, H * D = 8192) must not wrap in
     int32: q, k, v are [1, 1, T, 16] views with a huge row stride into one fp16 buffer of ~2.5e9 elements (5 GB of
     address space, of which only the T rows touched get memory). 300 rows of 2^23: rows >= 256 sit past 2^31, in
     tiles whose first row the kernels address in int64. 40 rows of 2^26: even offsets inside one 128-row tile
-    would wrap in int32, so the launcher copies (the first GPU run hit an illegal address here)."""
+    would wrap in int32, so the launcher copies (the first GPU run hit an illegal address here). The GPU's
+    128-row tiles are forced, on a CPU too: there, without the copy, the interpreter reads wild host memory and
+    the process dies."""
     D = 16
+    for kernel, kind in ((attn_mod._attn_fwd_kernel, "fwd"), (attn_mod._attn_bwd_dq_kernel, "dq")):
+        tall = [c for c in attn_mod.GPU_CONFIGS[kind] if c.kwargs["BLOCK_M"] == attn_mod._MAX_TILE_ROWS][:1]
+        monkeypatch.setattr(kernel, "configs", tall)
+        monkeypatch.setattr(kernel, "cache", {})
     buf = torch.empty((T - 1) * row + 3 * D, dtype=torch.float16, device=DEVICE)
     q, k, v = (buf.as_strided((1, 1, T, D), (0, 0, row, 1), storage_offset=i * D) for i in range(3))
     small = make_inputs(1, 1, 1, T, T, D, torch.float16, seed=5)

@@ -64,3 +64,18 @@ def test_encoder_bench_smoke(tmp_path):
             if line.startswith("| ") and not line.startswith("| linear layers")]
     assert [r[0] for r in rows] == ["oneDNN packed (ours)", "F.linear"]
     assert all(float(r[1]) > 0 and float(r[3].replace(",", "")) > 0 for r in rows), rows
+
+
+def test_training_bench_smoke(tmp_path):
+    """bench/training.py end to end through the trainer on the tiny model: one row per variant, and the four
+    variants (checkpointing on / off, fused loss on / off) train to the same loss (the same steps on the same
+    batches; the fused log-probs equal the plain ones to rounding)."""
+    out = tmp_path / "training.md"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "training.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")]
+    assert [r[0] for r in rows] == ["ckpt+fused", "ckpt", "fused", "plain"]
+    losses = [float(r[-1]) for r in rows]
+    assert all(float(r[2]) > 0 for r in rows) and max(losses) - min(losses) < 1e-2, rows

@@ -19,6 +19,13 @@ KERNELS = {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_ke
            "_decode_kernel", "_decode_reduce_kernel", "_logprobs_fwd_kernel", "_logprobs_bwd_kernel"}
 
 
+# fp32 gradients (flash_attention on fp32 tensors, which training never runs: it autocasts to bf16) hold fp32 tiles
+# and tf32x3 operand splits at D = 128 and spill hundreds of bytes in the backward: a correctness path, compiled
+# here for its shared memory (test_every_config_fits_in_shared_memory), exempt from the spill guard.
+FP32_GRADIENT_CASES = {"train fp32 D=128 causal window"}
+SHARED_LIMIT = 227 * 1024  # bytes a program of an H100 / H200 may use (232448, the limit the GPU run reported)
+
+
 @pytest.fixture(scope="module")
 def report():
     import triton
@@ -43,7 +50,7 @@ def test_every_config_compiles_without_spills(report):
     assert {"prefill fp32 D=128 kv_lens window", "decode fp32 D=128 window", "decode bf16 D=128"} <= cases
     spilling = [f"{r['case']} {r['kernel']} {r['config']}: {r['regs']} regs, {r['stack']} B stack, "
                 f"{r['spill_instrs']} STL/LDL ({r['loop_spill_instrs']} in loops)"
-                for r in rows if r["stack"] or r["spill_instrs"]]
+                for r in rows if (r["stack"] or r["spill_instrs"]) and r["case"] not in FP32_GRADIENT_CASES]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
 
 
@@ -69,3 +76,14 @@ def test_every_autotune_config_is_compiled(report):
     for kernel, configs in listed.items():
         seen = {r["config"] for r in rows if r["kernel"] == kernel}
         assert set(configs) == seen, f"{kernel}: listed {sorted(configs)}, compiled {sorted(seen)}"
+
+
+@pytest.mark.timeout(1800)
+def test_every_config_fits_in_shared_memory(report):
+    """A config the pruner keeps must launch: the first GPU run found the fp32 dQ kernel at D = 128 kept at an
+    estimated 196 KB that needed 256 KB (K is staged twice), and it failed with OutOfResources. The real figure
+    is in the compiled kernel's metadata."""
+    rows, _ = report
+    assert any(r["case"] in FP32_GRADIENT_CASES for r in rows)
+    over = [f"{r['case']} {r['kernel']} {r['config']}: {r['shared']} B" for r in rows if r["shared"] > SHARED_LIMIT]
+    assert not over, "over the shared-memory limit:\n" + "\n".join(over)

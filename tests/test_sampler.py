@@ -390,6 +390,29 @@ def test_compiled_step_equals_plain(model, recwarn):
     assert not failed, failed[0][:2000]  # no silent fallback
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["plain", "compiled"])
+def test_rope_table_exists_before_the_first_decode_step(compiled, monkeypatch):
+    """On CUDA the compiled step runs as CUDA graphs, and a tensor first made inside one is that graph's output,
+    overwritten by its next replay: the first GPU run failed so ("accessing tensor output of CUDAGraphs that has
+    been overwritten"), with the RoPE table built lazily inside the first step. generate now builds it before any
+    step, large enough for every position, and no step replaces it: a spy step checks that on the CPU."""
+    import minisirev.sampler as S
+    model = make_model()
+    model.__dict__.pop("_rope_table", None)
+    tables = []
+
+    def spy(model, cache, tokens, pos, kv_len, sharing):
+        table = getattr(model, "_rope_table", None)
+        assert table is not None and table[0].shape[0] >= cache.prompts.max_len + cache.rows.max_len
+        tables.append(table)
+        out = S.decode_step(model, cache, tokens, pos, kv_len, sharing)
+        assert model._rope_table is table
+        return out
+    monkeypatch.setattr(S, "compiled_decode_step" if compiled else "plain_decode_step", lambda *_: spy)
+    generate(model, make_prompts(), n=2, max_new_tokens=9, compile=compiled)
+    assert tables and all(t is tables[0] for t in tables)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: bench/gpu_suite.sh runs it on one")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_graph_step_equals_plain_on_cuda(dtype, recwarn):
