@@ -29,7 +29,7 @@ STEPS=(
   "default-run|150|rm -rf /tmp/gpu_suite_run; TIMEFORMAT='default run: %R s wall'; time $PY train.py --iter 3 --method sft-dpo --out /tmp/gpu_suite_run"
   "training|150|$PY bench/training.py"
   "dpo|120|$PY bench/dpo_loss.py --tokens 4096 8192 16384 32768 --min-runs 5 --min-seconds 0.3"
-  "attention|200|$PY bench/attention.py --sweeps seqlen seqlen-gqa4 --modes fwd bwd --providers ours sdpa-flash sdpa-cudnn naive --min-runs 5 --min-seconds 0.25"
+  "attention|240|$PY bench/attention.py --sweeps seqlen seqlen-gqa4 headdim --modes fwd bwd --providers ours sdpa-flash sdpa-cudnn naive --min-runs 5 --min-seconds 0.25"
   "sampler|240|$PY bench/sampler.py --config llama-1b --dtype bfloat16 --device cuda --n 8 --max-new-tokens 256 --repeats 2"
   "all-tests|300|$PY -m pytest -p no:cacheprovider -q $XDIST --timeout 280 -rfE"
 )

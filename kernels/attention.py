@@ -68,7 +68,13 @@ _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64
 _FP32_FWD = {(64, 16, 4, 1): 128, (64, 32, 4, 2): 64, (128, 32, 8, 2): 64}
 _WINDOW_MAX_TILE = 128 * 64
 _FWD_CONFIGS += _configs(list(_FP32_FWD))
-_DKDV_CONFIGS = _configs([(32, 32, 4, 2), (16, 64, 4, 1)])
+# dK/dV: a program's work grows with its key tile (BLOCK_N keys resident, their two accumulators in registers), so
+# 128-key tiles at 8 warps; at D = 128 only 16 queries a step stay spill-free, at D <= 64 32 or 64 (_DKDV_MAX_D:
+# the largest BLOCK_D of a tile; the others serve every head dim). Added after the first GPU run, where the backward
+# ran at half of cuDNN's rate with 16x64 tiles chosen everywhere; not timed on a GPU yet. 16-bit inputs only: in
+# fp32 the 16x128 tile needs 272 KB of shared memory at D = 128 (the compile guard caught it).
+_DKDV_MAX_D = {(16, 128, 8, 1): 128, (32, 128, 8, 2): 64, (64, 128, 8, 1): 64}
+_DKDV_CONFIGS = _configs([(32, 32, 4, 2), (16, 64, 4, 1), *_DKDV_MAX_D])
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 2)])
 _DECODE_BLOCK_N, _DECODE_STAGES = 64, 3
 _MAX_TILE_ROWS = 128  # the most rows (BLOCK_M or BLOCK_N) any tile has: see Addressing
@@ -93,15 +99,21 @@ _WIDEN_BF16_DOTS: tl.constexpr = tl.constexpr(_INTERPRET)
 # ---- end of interpreter shims ---------------------------------------------------------------------------------
 
 
-def _pruner(resident_m: int, resident_n: int, streamed_m: int, streamed_n: int, fp32_configs=None):
+def _pruner(resident_m: int, resident_n: int, streamed_m: int, streamed_n: int, fp32_configs=None,
+            tile_max_d=None):
     """An early_config_prune. Drops tiles whose buffers would not fit in ~200 KB of shared memory (H100: 228 KB):
     `resident_*` tiles of BLOCK_M / BLOCK_N rows stay for the whole program, `streamed_*` ones are pipelined
     num_stages deep; D=256 keeps tiles at most 64 x 64 and a window at most _WINDOW_MAX_TILE scores (register
     pressure). With `fp32_configs` ({(BLOCK_M, BLOCK_N, warps, stages): largest BLOCK_D}), fp32 inputs get exactly
-    those (within their head dims) and 16-bit inputs all the others. `prune.keeps(config, esize, block_d,
-    windowed)` is the rule for one config (the tests ask it which dtypes each config serves)."""
+    those (within their head dims) and 16-bit inputs all the others. The tiles `tile_max_d` names (the same form)
+    serve 16-bit inputs up to that head dim (fp32's tf32x3 splits need more shared memory than this estimate).
+    `prune.keeps(config, esize, block_d, windowed)` is the rule for one config (the tests ask it which dtypes
+    each config serves)."""
     def keeps(c, esize, block_d, windowed) -> bool:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        wide = (tile_max_d or {}).get((bm, bn, c.num_warps, c.num_stages))
+        if wide is not None and (esize == 4 or block_d > wide):
+            return False
         if fp32_configs is not None:
             max_d = fp32_configs.get((bm, bn, c.num_warps, c.num_stages))
             if (esize == 4) != (max_d is not None) or (max_d is not None and block_d > max_d):
@@ -122,7 +134,7 @@ def _pruner(resident_m: int, resident_n: int, streamed_m: int, streamed_n: int, 
 
 
 _FWD_PRUNE = {"early_config_prune": _pruner(1, 0, 0, 2, _FP32_FWD)}  # Q resident; K, V streamed
-_DKDV_PRUNE = {"early_config_prune": _pruner(0, 2, 2, 0)}  # K, V resident; Q, dO streamed
+_DKDV_PRUNE = {"early_config_prune": _pruner(0, 2, 2, 0, tile_max_d=_DKDV_MAX_D)}  # K, V resident; Q, dO streamed
 # Q, dO resident; K streamed in two layouts (K for dS K, K^T for Q K^T) and V: 3 tiles a stage. Counting 2 let
 # the one fp32 D = 128 candidate through at 196 KB where Triton needs 256 KB (a GPU run of the tests caught it).
 _DQ_PRUNE = {"early_config_prune": _pruner(2, 0, 0, 3)}
