@@ -34,7 +34,7 @@ STEPS=(
   "all-tests|300|$PY -m pytest -p no:cacheprovider -q $XDIST --timeout 280 -rfE"
 )
 
-usage() { sed -n 2,16p "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n 2,15p "$0" | sed 's/^# \{0,1\}//'; }
 SELECTED=()
 while [ $# -gt 0 ]; do
   case "$1" in

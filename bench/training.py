@@ -39,10 +39,16 @@ parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequen
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (autotuning, allocator warm-up)")
 parser.add_argument("--steps", type=int, default=8, help="timed steps")
 parser.add_argument("--variants", nargs="+", default=["ckpt+fused", "ckpt", "fused", "plain"],
+                    choices=["ckpt+fused", "ckpt", "fused", "plain"],
                     help="any of ckpt+fused, ckpt, fused, plain (ckpt: activation checkpointing; fused: fused loss)")
 parser.add_argument("--out", default=None, help="result file (default bench/results/training_<gpu>.md)")
 parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, 1 + 1 steps (tests use it)")
 args = parser.parse_args()
+for flag in ("batch", "seq_len", "steps"):
+    if getattr(args, flag) < 1:
+        parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+if args.warmup < 0:
+    parser.error(f"--warmup must be >= 0, got {args.warmup}")
 
 if args.smoke:
     os.environ["TRITON_INTERPRET"] = "1"  # the fused loss runs in the Triton interpreter on the CPU
