@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -17,3 +18,25 @@ def pytest_sessionstart(session):
     clash = hub_kernels_clash()
     if clash:
         raise pytest.UsageError(f"tests: {clash}")
+
+
+# A CUDA error such as an illegal memory access loses the process's CUDA context: every later CUDA call in that
+# process fails. In the first GPU run one such test took the 64 tests its pytest-xdist worker ran next down with
+# it. So after one: under xdist the worker exits (xdist reports that test as crashed and starts a fresh worker);
+# in a single process the session stops, naming the test.
+CONTEXT_LOST = ("illegal memory access", "unspecified launch failure", "misaligned address", "illegal instruction")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    text = str(call.excinfo.value) if report.failed and call.excinfo is not None else ""
+    if "CUDA error" not in text or not any(s in text for s in CONTEXT_LOST):
+        return
+    why = f"{item.nodeid}: {text.splitlines()[0]}; the CUDA context is lost, so every later CUDA test would fail"
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        sys.stderr.write(f"\n{why}: this worker exits\n")
+        sys.stderr.flush()
+        os._exit(3)
+    item.session.shouldstop = why
