@@ -82,7 +82,6 @@ assert all(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= _MAX_TILE_ROWS
            for c in _FWD_CONFIGS + _DKDV_CONFIGS + _DQ_CONFIGS)
 # The GPU candidates by kernel, kept when the interpreter swaps in its own below: the tests force each one in turn.
 GPU_CONFIGS = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
-FP32_FWD_TILES = set(_FP32_FWD)  # (BLOCK_M, BLOCK_N, warps, stages) of the forward configs meant for fp32 inputs
 
 # ---- interpreter shims (TRITON_INTERPRET=1, the CPU test suite); nothing below this block depends on the mode ----
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -56,6 +56,20 @@ def poisoned_outputs(monkeypatch):
                                                                                        dtype=dtype, device=device))
 
 
+# the autotuned kernels by the names of attn_mod.GPU_CONFIGS, with their pruners
+AUTOTUNED = {"fwd": (attn_mod._attn_fwd_kernel, attn_mod._FWD_PRUNE),
+             "dkdv": (attn_mod._attn_bwd_dkdv_kernel, attn_mod._DKDV_PRUNE),
+             "dq": (attn_mod._attn_bwd_dq_kernel, attn_mod._DQ_PRUNE)}
+
+
+def force_configs(monkeypatch, kind, configs):
+    """Narrow one autotuned kernel's candidates to `configs` for the test (its tuning cache emptied); returns it."""
+    kernel = AUTOTUNED[kind][0]
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    return kernel
+
+
 def make_inputs(B, H, KVH, T, S, D, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(shape, generator=gen).to(DEVICE, dtype)
@@ -190,10 +204,9 @@ def test_offsets_past_2_31_elements(T, row, monkeypatch):
     128-row tiles are forced, on a CPU too: there, without the copy, the interpreter reads wild host memory and
     the process dies."""
     D = 16
-    for kernel, kind in ((attn_mod._attn_fwd_kernel, "fwd"), (attn_mod._attn_bwd_dq_kernel, "dq")):
+    for kind in ("fwd", "dq"):
         tall = [c for c in attn_mod.GPU_CONFIGS[kind] if c.kwargs["BLOCK_M"] == attn_mod._MAX_TILE_ROWS][:1]
-        monkeypatch.setattr(kernel, "configs", tall)
-        monkeypatch.setattr(kernel, "cache", {})
+        force_configs(monkeypatch, kind, tall)
     buf = torch.empty((T - 1) * row + 3 * D, dtype=torch.float16, device=DEVICE)
     q, k, v = (buf.as_strided((1, 1, T, D), (0, 0, row, 1), storage_offset=i * D) for i in range(3))
     small = make_inputs(1, 1, 1, T, T, D, torch.float16, seed=5)
@@ -237,18 +250,16 @@ def test_autotune_key_separates_gqa_ratio_and_query_and_key_lengths():
     assert (common["G"], common["LOG2_T"], common["LOG2_S"]) == (4, 10, 16)
 
 
-PRUNERS = {"fwd": attn_mod._FWD_PRUNE, "dkdv": attn_mod._DKDV_PRUNE, "dq": attn_mod._DQ_PRUNE}
-
-
 def _forced_cases():
-    """(kernel, config, dtype) for every GPU autotune candidate and every dtype the pruner gives it at D = 128 (the
+    """(kernel, config, dtype, D) for every GPU autotune candidate and every dtype the pruner gives it, at D = 128
+    or, for the tiles made for smaller head dims, 64 (the
     forward's fp32 tiles serve fp32 alone, its others the 16-bit dtypes; dK/dV and dQ tiles serve any dtype
     whose tiles fit in shared memory). In the interpreter, which ignores warps and stages and runs fp16 and bf16
     through the same widened dots: bf16, and fp32 for the forward's fp32 tiles."""
     dtypes = [torch.bfloat16, torch.float16, torch.float32] if DEVICE == "cuda" else [torch.bfloat16,
                                                                                        torch.float32]
     for kind, configs in attn_mod.GPU_CONFIGS.items():
-        keeps = PRUNERS[kind]["early_config_prune"].keeps
+        keeps = AUTOTUNED[kind][1]["early_config_prune"].keeps
         for cfg in configs:
             tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
             name = "{}x{}-w{}-s{}".format(*tile)
@@ -266,10 +277,7 @@ def test_every_gpu_autotune_config_matches_reference(kind, cfg, dtype, D, monkey
     128-row tiles and ends ragged, forward and all three gradients against the twin. On a GPU T = 300 and D = 128
     (the model's head dim, the register-heaviest) or 64 for the fp32 tiles made for it; in the interpreter T = 150
     and D = 64, where the tiles' logic is the same and time is short."""
-    kernel = {"fwd": attn_mod._attn_fwd_kernel, "dkdv": attn_mod._attn_bwd_dkdv_kernel,
-              "dq": attn_mod._attn_bwd_dq_kernel}[kind]
-    monkeypatch.setattr(kernel, "configs", [cfg])
-    monkeypatch.setattr(kernel, "cache", {})
+    kernel = force_configs(monkeypatch, kind, [cfg])
     shape = (1, 4, 2, 300, 300, D) if DEVICE == "cuda" else (1, 2, 1, 150, 150, 64)
     q, k, v, do = make_inputs(*shape, dtype, seed=7)
     ours = forward_backward(flash_attention, q, k, v, do)

@@ -374,6 +374,12 @@ def test_tail_compaction_keeps_outputs(model, monkeypatch, chunk_bytes):
     assert any(len(o) < 10 for outs in got for o in outs) and any(len(o) == 10 for outs in got for o in outs)
 
 
+def assert_no_fallback(recwarn):
+    """No silent fallback: generate warned of no failed compiled step (the first such warning shown if it did)."""
+    failed = [str(w.message) for w in recwarn if "compiled decode step failed" in str(w.message)]
+    assert not failed, failed[0][:2000]
+
+
 def test_compiled_step_equals_plain(model, recwarn):
     """The compiled decode step (static shapes: every slot every step, kv_len rounded up to 256) gives the plain
     step's tokens; log-probs agree to rounding (inductor fuses the same fp32 ops in another order)."""
@@ -386,8 +392,7 @@ def test_compiled_step_equals_plain(model, recwarn):
         for a, b in zip(lp_plain, lp_comp):
             for x, y in zip(a, b):
                 torch.testing.assert_close(torch.tensor(y), torch.tensor(x), atol=ATOL, rtol=RTOL)
-    failed = [str(w.message) for w in recwarn if "compiled decode step failed" in str(w.message)]
-    assert not failed, failed[0][:2000]  # no silent fallback
+    assert_no_fallback(recwarn)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["plain", "compiled"])
@@ -431,8 +436,7 @@ def test_cuda_graph_step_equals_plain_on_cuda(dtype, recwarn):
         for a, b in zip(lp_plain, lp_comp):
             for x, y in zip(a, b):
                 torch.testing.assert_close(torch.tensor(y), torch.tensor(x), **tol)
-    failed = [str(w.message) for w in recwarn if "compiled decode step failed" in str(w.message)]
-    assert not failed, failed[0][:2000]
+    assert_no_fallback(recwarn)
     if dtype == torch.float32:
         greedy, _ = generate(model, prompts[:3], max_new_tokens=8, stop_ids=(), return_logprobs=True)
         for prompt, outs in zip(prompts[:3], greedy):
