@@ -38,8 +38,10 @@ usage() { sed -n 2,15p "$0" | sed 's/^# \{0,1\}//'; }
 SELECTED=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --logs) LOGDIR="$2"; shift 2 ;;
-    --tar) TAR="$2"; shift 2 ;;
+    --logs|--tar)
+      [ $# -ge 2 ] || { echo "gpu_suite.sh: $1 needs a path (see --help)" >&2; exit 2; }
+      if [ "$1" = --logs ]; then LOGDIR="$2"; else TAR="$2"; fi
+      shift 2 ;;
     --list) for s in "${STEPS[@]}"; do IFS='|' read -r n t c <<<"$s"; printf '%-12s %4ss  %s\n' "$n" "$t" "$c"; done; exit 0 ;;
     -h|--help) usage; exit 0 ;;
     -*) echo "gpu_suite.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
